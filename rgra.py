@@ -216,7 +216,7 @@ def gold_answer(row):
         return (listed.group(2).replace("\\n", "").strip() if listed else answer.strip()) or None
     for key in ("solution", "gt_answer", "ground_truth_answer"):
         if isinstance(row.get(key), str):
-            boxed = _last_boxed(row[key]) if key == "solution" else row[key].strip()
+            boxed = __last_boxed(row[key]) if key == "solution" else row[key].strip()
             if boxed:
                 return boxed
     return None
@@ -279,7 +279,12 @@ def load_hub_rows(name):
     except ImportError:
         raise DataError(f"--train-data {name}: `pip install datasets` to load it from the hub, or pass a JSONL path") from None
     repo, config = HUB_DATASETS[name]
-    return [(f"{repo}[{i}]", dict(row)) for i, row in enumerate(datasets.load_dataset(repo, config, split="train"))]
+    try:
+        rows = datasets.load_dataset(repo, config, split="train")
+    except Exception as e:  # offline, or the hub refused: say so instead of a stack trace
+        raise DataError(f"--train-data {name}: could not load {repo} from the hub ({type(e).__name__}: {e}); "
+                        "pass a JSONL path instead") from None
+    return [(f"{repo}[{i}]", dict(row)) for i, row in enumerate(rows)]
 
 
 # -----------------------------------------------------------------------------
@@ -355,8 +360,9 @@ class _TooLarge(Exception):
 # ---------------------------------------------------------------- extraction
 
 def _boxes(text):
-    """(start, end, content) of every complete \\boxed{...} / \\fbox{...} / `\\boxed 7`,
-    in order. Braces are matched in one linear pass (no rescans on unbalanced input)."""
+    """(start, end, content) of every \\boxed{...} / \\fbox{...} / `\\boxed 7`, in order;
+    content is None for a box left open (a completion cut inside its answer). Braces
+    are matched in one linear pass (no rescans on unbalanced input)."""
     close, stack = {}, []
     for m in re.finditer(r"[{}]", text):
         if m.group() == "{":
@@ -367,37 +373,93 @@ def _boxes(text):
     for m in re.finditer(r"\\(?:boxed|fbox)\b\s*", text):
         j = m.end()
         if text[j:j + 1] == "{":
-            if j in close:
-                out.append((m.start(), close[j] + 1, text[j + 1:close[j]].strip()))
+            content = text[j + 1:close[j]].strip() if j in close else None
+            out.append((m.start(), close.get(j, j) + 1, content))
         else:   # `\boxed 7`: the box holds one space-delimited token
             tok = re.match(r"[^\s$]*", text[j:j + 100]).group().rstrip(".")
             out.append((m.start(), j + len(tok), tok))
-    return [b for b in out if b[2]]
+    return [b for b in out if b[2] != ""]
 
 
-def _last_boxed(text):
-    """Content of the last complete box, or None."""
-    boxes = _boxes(text)
-    return boxes[-1][2] if boxes else None
+def _joinable(gap):
+    """True when the text between two boxes only separates answers: `, `, ` and `,
+    `\\quad \\text{and} \\quad`, `\\) and \\( y_2 =`, ` papers and ` (a few words with
+    and/or, no sentence end), so that both boxes are parts of one answer."""
+    if len(gap) > 200:
+        return False
+    gap = re.sub(r"(?:[A-Za-z](?:_\{?\w+\}?)?|\([A-Za-z,\s]*\))\s*=\s*\$?\s*(?:\\\(\s*)?$", "", gap)
+    gap = re.sub(r"\\(?:text|mbox|textbf)\s*\{|\\q?quad|\\[()\[\],;:! ]|[${}]", " ", gap)
+    words = re.findall(r"[^\s,;]+", gap)
+    if not words:
+        return True
+    return len(words) <= 5 and "\n\n" not in gap and re.fullmatch(r"[A-Za-z(),;\s]*", gap) is not None \
+        and any(w.lower() in ("and", "or") for w in words)
+
+
+def _join_last(text, spans):
+    """(start, answer) of the last (start, end, content) span joined with the spans right
+    before it when only separators stand between them (`\\boxed{2} and \\boxed{3}`,
+    `$1$ or $2$` -> "2, 3"). None if there is none, or if the last one was left open
+    (the final answer is unfinished: an earlier one is not the answer either)."""
+    if not spans or spans[-1][2] is None:
+        return None
+    parts = [spans[-1]]
+    for span in reversed(spans[:-1]):
+        if len(parts) >= 20 or span[2] is None or not _joinable(text[span[1]:parts[0][0]]):
+            break
+        parts.insert(0, span)
+    contents = list(dict.fromkeys(p[2] for p in parts))   # a repeated answer counts once
+    return parts[0][0], ", ".join(contents)
 
 
 def _final_boxes(text):
-    """The last box, joined with the boxes right before it when only separators
-    stand between them (`\\boxed{2} and \\boxed{3}` -> "2, 3"); None if no box."""
-    boxes = _boxes(text)
-    if not boxes:
-        return None
-    parts = [boxes[-1]]
-    for box in reversed(boxes[:-1]):
-        gap = text[box[1]:parts[0][0]]
-        if len(parts) >= 20 or not re.fullmatch(r"[\s,;$]*(?:and|or|\\text\{\s*(?:and|or)\s*\})?[\s,;$]*", gap):
-            break
-        parts.insert(0, box)
-    contents = list(dict.fromkeys(p[2] for p in parts))   # a repeated box counts once
-    return ", ".join(contents)
+    """(start, answer) of the final boxed answer (see _join_last), or None."""
+    return _join_last(text, _boxes(text))
 
 
-_PHRASES = [re.compile(p, re.I) for p in (r"final answer is\s*:?", r"answer is\s*:?", r"answer\s*:")]
+# inline $..$ and \(..\) stay on one line; display $$..$$ and \[..\] may span lines
+_MATH_SPAN = re.compile(r"\$\$([^$]{1,2000}?)\$\$|\\\[(.{1,2000}?)\\\]|\\\(([^\n]{1,2000}?)\\\)"
+                        r"|(?<!\\)\$((?:\\\$|[^$\n]){1,2000}?)(?<!\\)\$", re.S)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _last_math(text):
+    """(start, answer) of the last math span ($..$, $$..$$, \\(..\\), \\[..\\]) joined
+    as _join_last does, or None. Reads the last 5000 characters."""
+    text = text[-5000:]
+    spans = [(m.start(), m.end(), next(g for g in m.groups() if g is not None).strip())
+             for m in _MATH_SPAN.finditer(text)]
+    return _join_last(text, [sp for sp in spans if sp[2]])
+
+
+def _phrase_answer(rest):
+    """The answer after "final answer is"/"Answer:": up to the line end, "I hope it is
+    correct" or a chat token; in a sentence of prose ("The largest $n$ is 34") the
+    last math span or number."""
+    ans = re.split(r"\.?\s*I hope|<\||\n", rest.strip(), maxsplit=1)[0].replace("**", "").strip(" $")
+    ans = ans[:-1].strip(" $") if ans.endswith(".") else ans
+    ans = re.sub(r'^\\?"\s*|\s*\\?"$', "", ans).strip(" $")   # The final answer is "$12$"
+    boxed = _final_boxes(ans)
+    if boxed:
+        return boxed[1]
+    bare = re.sub(r"\$[^$]*\$|\\[A-Za-z]+(?:\{[^{}]*\})?", " ", ans)
+    if re.search(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}", bare):   # prose around the value
+        math, nums = _last_math(ans), list(_NUMBER.finditer(bare))
+        num = (nums[-1].start(), nums[-1].group().rstrip(",")) if nums else None
+        ans = max((c for c in (math, num) if c), default=(0, None))[1]
+    return ans if ans and len(ans) <= MAX_ANSWER_CHARS else None
+
+
+_FINAL = re.compile(r"final answer is\s*:?", re.I)
+_PHRASE = re.compile(r"answer\s*(?:is\s*:?|:)", re.I)
+
+
+def _last_match(pattern, text):
+    """The last match of pattern in text, or None."""
+    last = None
+    for last in pattern.finditer(text):
+        pass
+    return last
 
 
 def extract_answer(text, last_number_fallback=False):
@@ -405,11 +467,13 @@ def extract_answer(text, last_number_fallback=False):
 
     Looks, in order, at: <answer>...</answer> (r1 template; a box inside wins;
     a missing closing tag is allowed since generation stops at it), the last
-    \\boxed{...} (nested braces, `\\boxed 7`, \\fbox), GSM8K's `#### 72`, and
-    phrases like "The final answer is $x$. I hope it is correct." When
-    last_number_fallback is True (off by default: it rewards unfinished
-    completions) the last number in the text is the answer of last resort.
-    Only the last MAX_TEXT_CHARS characters are read; runs in linear time.
+    \\boxed{...} (nested braces, `\\boxed 7`, \\fbox; boxes separated only by
+    "and"/commas are one answer; a "final answer is" sentence after the box wins),
+    GSM8K's `#### 72`, phrases like "The final answer is $x$. I hope it is correct."
+    (Minerva) or "Answer: x", and then the last math span ($x$, \\[x\\]). A last box
+    left open gives None. When last_number_fallback is True (off by default: it
+    rewards unfinished completions) the last number in the text is the answer of
+    last resort. Only the last MAX_TEXT_CHARS characters are read; linear time.
     """
     if not text:
         return None
@@ -417,23 +481,26 @@ def extract_answer(text, last_number_fallback=False):
     k = text.rfind("<answer>")
     if k >= 0:
         inner = text[k + 8:].split("</answer>")[0]
-        return _final_boxes(inner) or (inner.strip() or None)
+        boxed = _final_boxes(inner)
+        return boxed[1] if boxed else (inner.strip() or None)
     boxed = _final_boxes(text)
-    if boxed is not None:
-        return boxed
+    if boxed is not None:   # unless a later "The final answer is $10,455$" restates it
+        final = _last_match(_FINAL, text)
+        restated = _phrase_answer(text[final.end():]) if final and final.start() > boxed[0] else None
+        return restated if restated and re.search(r"[\d\\]", restated) else boxed[1]
+    if _boxes(text):
+        return None   # the last box is unfinished
     hashes = re.findall(r"####\s*([^\n]+)", text)
     if hashes:
         return hashes[-1].strip()
-    for phrase in _PHRASES:   # "The final answer is $x$. I hope it is correct." (Minerva)
-        last = None
-        for last in phrase.finditer(text):
-            pass
-        if last is not None:
-            ans = re.split(r"\.?\s*I hope", text[last.end():].split("\n")[0])[0].strip(" $")
-            ans = ans[:-1].strip(" $") if ans.endswith(".") else ans
-            return ans if 0 < len(ans) <= MAX_ANSWER_CHARS else None
+    last = _last_match(_PHRASE, text)
+    if last is not None:
+        return _phrase_answer(text[last.end():])
+    math = _last_math(text)
+    if math:
+        return math[1]
     if last_number_fallback:
-        nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+        nums = _NUMBER.findall(text)
         return nums[-1].rstrip(",") if nums else None
     return None
 
@@ -446,7 +513,7 @@ _CMDS = {"dfrac": r"\frac", "tfrac": r"\frac", "cfrac": r"\frac", "leqslant": "<
          "leq": "<=", "geq": ">=", "le": "<=", "ge": ">=", "neq": "!=", "ne": "!=", "lt": "<",
          "gt": ">", "langle": "(", "rangle": ")", "varnothing": r"\emptyset", "degree": "",
          "%": "%", "infty": "∞", "ast": "*", "cdot": "*", "times": "*", "div": "/", "to": "→",
-         "dots": "", "ldots": "", "cdots": "", "mid": "|", "vert": "|", "lvert": "|", "rvert": "|"}
+         "dots": "", "ldots": "", "approx": "≈", "cdots": "", "mid": "|", "vert": "|", "lvert": "|", "rvert": "|"}
 
 
 def _command(m):
@@ -500,27 +567,34 @@ def _repeating(m):
 def _normalize(s):
     """Canonical text of one answer (no math decided here, only notation)."""
     s = str(s).strip()
-    if s.startswith((r"\boxed", r"\fbox")):
-        s = _last_boxed(s) or s
+    s = re.sub(r"(?<!\\)\\\\(?=(?:[dt]?frac|left|right|sqrt|pi|le|ge|leq|geq|lt|gt|neq|cdot|times|text|"
+               r"mathrm|infty|cup|in|pm|circ|boxed|approx)\b)", r"\\", s)   # over-escaped \\frac
+    if r"\boxed" in s or r"\fbox" in s:   # a boxed answer, or a whole completion
+        s = (_final_boxes(s) or (0, s))[1]
     s = re.sub(r"(\d*)\.(\d{0,50})\\overline\{(\d{1,50})\}", _repeating, s)
+    s = re.sub(r"\\left\s*[\[(]\s*(\\begin\{array\}.*?\\end\{array\})\s*\\right\s*[\])]", r"\1", s, flags=re.S)
     s = s.replace(r"\mathbb{R}", r"(-\infty,\infty)")
-    s = re.sub(r"\\begin\{array\}\{[^{}]*\}", r"\\begin{matrix}", s)
+    s = re.sub(r"\\begin\{array\}\{[^{}]*\}", r"\\begin{matrix}", s).replace(r"\end{array}", r"\end{matrix}")
     s = re.sub(r"\\begin\{[pbvBV]?matrix\}(.*?)\\end\{[pbvBV]?matrix\}", _matrix, s, flags=re.S)
-    s = s.replace(r"\begin{matrix}", "").replace(r"\end{array}", "")
+    s = s.replace(r"\begin{matrix}", "").replace(r"\end{matrix}", "")
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", s).replace(r"\circ", "")
     s = re.sub(r"\^\s*\{?\s*\\prime\s*\}?|\\prime", "'", s)
-    s = re.sub(r"\{,\}|,\\!", ",", s)           # 10{,}000 and MATH's 10,\!080
+    s = re.sub(r"\s*\{\s*,\s*\}\s*|,\s*\\!\s*", ",", s)   # 10{,}000 and MATH's 10,\!080
+    s = re.sub(r"(\d)\s*(?:percent(?:age)?|pct)\b", r"\1%", s)
+    s = re.sub(r"\\q?quad", " ", s)   # also when glued to a name: \quadx_2
     s = re.sub(r"\\([A-Za-z]+|[^A-Za-z{}|])", _command, s)
     s = re.sub(r"[$°\n]|np\.|math\.|infinity", lambda m: "∞" if m.group() == "infinity" else " ", s)
     s = _unwrap_text(s)
     s = re.sub(r"\\?\bor\b|\band\b|;", ",", s)
     s = re.sub(r"(\d)\s+(?=\d{3}(?!\d))", r"\1", s)   # 1 000 -> 1000
-    s = re.sub(r"(?<![\d.,(\[])(\d{1,3})((?:,\d{3})+)(?![\d,)\]])", lambda m: m.group(0).replace(",", ""), s)
+    s = re.sub(r"(?<![\d.,(\[])([1-9]\d{0,2})((?:,\d{3})+)(?![\d,)\]])", lambda m: m.group(0).replace(",", ""), s)
     s = re.sub(r"(\d[0-9A-Za-z]*)_\{?(\d{1,2})\}?", r"\1_\2", s)   # base-n subscript 1011_{2}
     s = re.sub(r"(?<![\w.}^])(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}", r"(\1+\2/\3)", s)  # 1\frac45
     s = re.sub(r"^[A-Za-z]\s*\\in\s*", "", s.strip())   # x \in [-2, 7]
     s = re.sub(r"(\d)\s*(?:" + _UNITS + r")\b(?:\^\{?[23]\}?)?\.?$", r"\1", s.strip())
     s = re.sub(r"\s+", " ", s).strip().rstrip(".,").strip()
+    while s.startswith("{") and s.endswith("}") and _balanced(s[1:-1]):
+        s = s[1:-1].strip()   # bare braces only group in LaTeX: {1,3} is 1,3
     return s
 
 
@@ -546,7 +620,10 @@ def _tokens(s):
         elif cmd:
             out.append(("c", cmd))
         elif word:
-            out.extend([("w", word)] if word in _FUNCS else [("w", ch) for ch in word])
+            if word == "pi":   # plain-text pi (-2*pi)
+                out.append(("c", r"\pi"))
+            else:
+                out.extend([("w", word)] if word in _FUNCS else [("w", ch) for ch in word])
         elif op:
             out.append(("o", op))
         if len(out) > _MAX_TOKENS:
@@ -776,8 +853,10 @@ def _fn(name, args):
         return complex(math.gamma(_real(x, "factorial") + 1))
     if name == "binom":
         n, k = args
-        if all(isinstance(v, Fraction) and v.denominator == 1 for v in args) and 0 <= k <= n <= 5000:
-            return Fraction(math.comb(int(n), int(k)))
+        if all(isinstance(v, Fraction) and v.denominator == 1 for v in args) and 0 <= k <= n:
+            if n <= 5000 or min(k, n - k) <= 100:
+                return Fraction(math.comb(int(n), int(k)))
+            raise _TooLarge("binomial")   # C(10^9, 5*10^8): a number of ~3*10^8 digits
         n, k = _real(n, "binom"), _real(k, "binom")
         return complex(math.gamma(n + 1) / (math.gamma(k + 1) * math.gamma(n - k + 1)))
     if name == "abs":
@@ -854,6 +933,13 @@ def _has_pct(node):
 _POINTS = [(2.6180339887, 0.173), (1.3247179572, 0.291), (3.2360679775, 0.137)]
 
 
+def _env(names, base, step):
+    """Sample values of the variables at one point. Variable k gets base**(1 + k/7) +
+    step*k: not affine in k, so no linear relation between variables (x - y = (x - z)/2)
+    holds at every point by accident."""
+    return {n: complex(base ** (1 + (k % 9) / 7) + step * k, 0) for k, n in enumerate(names)}
+
+
 def _decimal_places(gold):
     """Gold written as a decimal with >= 2 significant digits: (places, exponent) else None."""
     m = re.fullmatch(r"-?(\d*)\.(\d+)(?:[eE]([+-]?\d+))?", gold.strip())
@@ -894,7 +980,7 @@ def _value_equal(pa, pg, gold_text, exact):
             points = _POINTS if names else _POINTS[:1]
             ok = True
             for base, step in points:
-                env = {n: complex(base + step * k, 0) for k, n in enumerate(names)}
+                env = _env(names, base, step)
                 env["%"] = scale_a
                 va = _eval(pa, env)
                 env["%"] = scale_g
@@ -1033,8 +1119,10 @@ def _structure(s):
     return ("leaf", s)
 
 
-def _multiset_equal(xs, ys, eq):
-    """Order-free matching of two lists under eq (greedy; answers are short lists)."""
+def _set_equal(xs, ys, eq):
+    """Order-free matching of two answer lists under eq; a repeated item counts once
+    (answers are sets of solutions). Greedy: answer lists are short."""
+    xs, ys = [list({re.sub(r"\s", "", v): v for v in vs}.values()) for vs in (xs, ys)]
     if len(xs) != len(ys):
         return False
     left = list(ys)
@@ -1052,28 +1140,28 @@ def _equal(pred, gold, use_sympy):
     """Structured comparison of two normalized answers. True/False, or raises _Unsupported."""
     if pred == gold:
         return True
+    for x, y in ((pred, gold), (gold, pred)):   # decimal comma: 1,22 for 1.22
+        if re.fullmatch(r"-?\d+,\d+", x) and re.fullmatch(r"-?\d*\.\d+", y):
+            return _leaf_equal(x.replace(",", "."), y, use_sympy)
     sp, sg = _structure(pred), _structure(gold)
     pred, gold = (sp[1] if sp[0] == "leaf" else pred), (sg[1] if sg[0] == "leaf" else gold)
     eq = lambda a, b: _equal(a, b, use_sympy)
-    if sg[0] in ("union", "set", "list") or sp[0] in ("union", "set", "list"):
-        if sp[0] == "tuple" and sg[0] == "list":   # (8,4) for "8, 4"
+    kinds = {sp[0], sg[0]}
+    if kinds & {"union", "set", "list"}:
+        if kinds == {"tuple", "list"}:   # (8, 4) for "8, 4": same order
             return len(sp[1]) == len(sg[1]) and all(map(eq, sp[1], sg[1]))
-        if sp[0] == "list" and sg[0] == "tuple" and len(sg[1]) > 2:
-            return len(sp[1]) == len(sg[1]) and all(map(eq, sp[1], sg[1]))
-        if {sp[0], sg[0]} <= {"set", "list"} or sp[0] == sg[0] == "union":
-            return _multiset_equal(sp[1], sg[1], eq)
-        if sp[0] == "leaf" and sg[0] == "union":   # x > 3 or an interval vs union
+        if kinds <= {"set", "list"} or kinds == {"union"}:
+            return _set_equal(sp[1], sg[1], eq)
+        if "union" in kinds:   # an interval or x > 3 is not a union
             return False
-        return _multiset_equal([pred] if sp[0] == "leaf" else sp[1],
-                               [gold] if sg[0] == "leaf" else sg[1], eq) \
-            if "union" not in (sp[0], sg[0]) else False
-    if sp[0] == "tuple" or sg[0] == "tuple":
-        ip = _interval(pred) if sg[0] == "tuple" and sp[0] == "leaf" else None
-        if ip:
-            sp = ip
-        ig = _interval(gold) if sp[0] == "tuple" and sg[0] == "leaf" else None
-        if ig:
-            sg = ig
+        return _set_equal([pred] if sp[0] == "leaf" else sp[1], [gold] if sg[0] == "leaf" else sg[1], eq)
+    if "tuple" in kinds:
+        if sp[0] == "leaf":
+            sp = _interval(pred) or sp
+        if sg[0] == "leaf":
+            sg = _interval(gold) or sg
+        if "leaf" in (sp[0], sg[0]):   # (p, q) = (3, 2) against a tuple
+            return _leaf_equal(pred, gold, use_sympy)
         if sp[0] != "tuple" or sg[0] != "tuple" or len(sp[1]) != len(sg[1]):
             return False
         if len(sp[1]) == 2 and (sp[2], sp[3]) != (sg[2], sg[3]):
@@ -1082,60 +1170,99 @@ def _equal(pred, gold, use_sympy):
     return _leaf_equal(pred, gold, use_sympy)
 
 
+_VAR = re.compile(r"[A-Za-z](?:_\{?\w+\}?)?(?:\([A-Za-z]\))?|\\[A-Za-z]+")
+
+
 def _interval(s):
-    """An inequality in one variable as an interval tuple: x > 3 -> (3, ∞)."""
+    """An inequality in one variable as an interval tuple: x > 3 -> (3, ∞), 0 < f(x) < 1."""
     parts = re.split(r"(<=|>=|<|>)", s)
-    if len(parts) == 3 and re.fullmatch(r"[A-Za-z]", parts[0].strip()):
+    if len(parts) == 3 and _VAR.fullmatch(parts[0].strip()):
         op, val = parts[1], parts[2].strip()
         return ("tuple", [val, "∞"], "[" if op == ">=" else "(", ")") if ">" in op else \
             ("tuple", ["-∞", val], "(", "]" if op == "<=" else ")")
-    if len(parts) == 5 and re.fullmatch(r"[A-Za-z]", parts[2].strip()) and "<" in parts[1] + parts[3]:
+    if len(parts) == 5 and _VAR.fullmatch(parts[2].strip()) and "<" in parts[1] + parts[3]:
         return ("tuple", [parts[0].strip(), parts[4].strip()], "[" if parts[1] == "<=" else "(",
                 "]" if parts[3] == "<=" else ")")
     return None
 
 
-_SIMPLE_LHS = re.compile(r"[A-Za-z](?:_\{?\w+\}?)?'*(?:\([A-Za-z,\s]*\))?|\\[A-Za-z]+")
+_RELATION = re.compile(r"(<=|>=|!=|<|>|=|≈)")
+
+
+def _is_name(lhs):
+    """A left-hand side that names the answer: x, f(x), (p, q), AB, |AB|, V_1:V_2,
+    \\frac{NO}{BO}, m+n; digits only in subscripts."""
+    bare = re.sub(r"_\{[^{}]*\}|_\w", "", lhs)
+    return len(lhs) <= 40 and re.search(r"[A-Za-z]", bare) is not None and re.search(r"\d", bare) is None
+
+
+def _relation(s):
+    """s split at relation signs, [side, op, side, ...]: an `≈ 0.33` tail after an `=`
+    is dropped (x = 1/3 ≈ 0.33) and a lone ≈ reads as = (x ≈ 11)."""
+    parts = [p.strip() for p in _RELATION.split(s)]
+    if "≈" in parts:
+        k = parts.index("≈")
+        parts = parts[:k] if "=" in parts[:k] else ["=" if p == "≈" else p for p in parts]
+    return parts
+
+
+def _stated_value(parts):
+    """The value an equation states: the right side of `name = value` (x, f(x), (p,q),
+    AB) or the last side of a chain `x = 5+5+1 = 11`; None for inequalities and for
+    equations like `2x = 6` that do not name a value."""
+    if set(parts[1::2]) != {"="} or (len(parts) == 3 and not _is_name(parts[0])):
+        return None
+    return parts[-1]
 
 
 def _leaf_equal(pred, gold, use_sympy):
-    """Compare single answers: equations, inequalities, text, then math values."""
-    rel = r"(<=|>=|!=|<|>|=)"
-    pp, pg = re.split(rel, pred), re.split(rel, gold)
-    if len(pp) > 1 or len(pg) > 1:
-        # x = 5 vs 5: drop a simple left-hand side; keep the last value of a = b = 5
-        if len(pp) > 1 and pp[-2] == "=" and len(pg) == 1 and _SIMPLE_LHS.fullmatch(pp[0].strip()):
-            return _leaf_equal(pp[-1].strip(), gold, use_sympy)
-        if len(pg) > 1 and pg[-2] == "=" and len(pp) == 1 and _SIMPLE_LHS.fullmatch(pg[0].strip()):
-            return _leaf_equal(pred, pg[-1].strip(), use_sympy)
-        return _relation_equal(pp, pg, use_sympy)
-    return _expr_equal(pred, gold, use_sympy)
+    """Compare single answers: relations (x = 5 against 5), then math values or text."""
+    pp, pg = _relation(pred), _relation(gold)
+    if len(pp) == 1 and len(pg) == 1:
+        return _expr_equal(pred, gold, use_sympy)
+    if len(pp) > 1 and len(pg) > 1:   # a = b = c: first and last sides
+        return _relation_equal(*[[r[0], "=", r[-1]] if set(r[1::2]) == {"="} else r for r in (pp, pg)],
+                               use_sympy)
+    value = _stated_value(pp if len(pp) > 1 else pg)   # x = 5 against 5
+    if value is None:
+        return False
+    return _equal(value, gold, use_sympy) if len(pp) > 1 else _equal(pred, value, use_sympy)
 
 
 def _relation_equal(pp, pg, use_sympy):
-    """Two relations a op b: same operator (or mirrored) and equal sides; equations
-    may also differ by moving terms (lhs - rhs equal up to a constant factor)."""
+    """Two relations a op b: same operator (or mirrored) and equal sides, or the same
+    relation rearranged: (a - b) = k (c - d) for a constant k, of the sign the two
+    operators need (x < 1 and -x > -1; y = 2x + 3 and 2x - y + 3 = 0)."""
     if len(pp) != 3 or len(pg) != 3:
         return len(pp) == len(pg) and all(
-            (a == b) if i % 2 else _expr_equal(a.strip(), b.strip(), use_sympy)
-            for i, (a, b) in enumerate(zip(pp, pg)))
+            (a == b) if i % 2 else _expr_equal(a, b, use_sympy) for i, (a, b) in enumerate(zip(pp, pg)))
     flip = {"<": ">", ">": "<", "<=": ">=", ">=": "<=", "=": "=", "!=": "!="}
-    (a, op, b), (c, op2, d) = [x.strip() for x in pp], [x.strip() for x in pg]
+    (a, op, b), (c, op2, d) = pp, pg
     if op == op2 and _expr_equal(a, c, use_sympy) and _expr_equal(b, d, use_sympy):
         return True
     if flip[op] == op2 and _expr_equal(a, d, use_sympy) and _expr_equal(b, c, use_sympy):
         return True
-    if op == op2 == "=":
-        try:
-            diff_p, diff_g = _Parser(f"({a})-({b})").parse(), _Parser(f"({c})-({d})").parse()
-            ratio = ("div", diff_p, diff_g)
-            names = sorted(_symbols(ratio, set()))
-            vals = [_eval(ratio, {**{n: complex(b0 + s * k) for k, n in enumerate(names)}, "%": 1})
-                    for b0, s in _POINTS]
-            return all(_close(v, vals[0], exact=True) for v in vals) and _c(vals[0]) != 0
-        except (_Unsupported, ZeroDivisionError, OverflowError, ValueError):
-            return False
-    return False
+    if op2 not in (op, flip[op]):
+        return False
+    k = _constant_ratio(f"({a})-({b})", f"({c})-({d})")
+    if k is None or k == 0:
+        return False
+    return op in ("=", "!=") or (k > 0) == (op == op2)
+
+
+def _constant_ratio(p, q):
+    """p / q when it is the same real constant at every sample point (p, q contain a
+    variable), else None."""
+    try:
+        ratio = ("div", _Parser(p).parse(), _Parser(q).parse())
+        names = sorted(_symbols(ratio, set()))
+        vals = [_c(_eval(ratio, {**_env(names, b0, s), "%": 1})) for b0, s in _POINTS]
+    except (_Unsupported, _TooLarge, ZeroDivisionError, OverflowError, ValueError, KeyError):
+        return None
+    if not names or abs(vals[0].imag) > 1e-9 * abs(vals[0]) or \
+            not all(_close(v, vals[0], exact=True) for v in vals):
+        return None
+    return vals[0].real
 
 
 def _text_key(s):
@@ -1232,35 +1359,60 @@ _WORKER = _SympyWorker()
 
 # ---------------------------------------------------------------- public API
 
+def _is_prose(s):
+    """Words outside the math of s, as in a whole completion ("Therefore $x = 3$.")."""
+    if not re.search(r"[A-Za-z]{3}", s):
+        return False
+    bare = re.sub(r"\\[A-Za-z]+(?:\{[^{}]*\})?", " ", _MATH_SPAN.sub(" ", s[-5000:]))
+    return re.search(r"[A-Za-z]{3,}", bare) is not None
+
+
+def _check_pair(pred, gold, timeout):
+    """check_answer for one (pred, gold) text pair."""
+    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        return False, "ok"
+    p, g = _normalize(pred), _normalize(gold)
+    if not p:
+        return False, "ok"
+    try:
+        return bool(_equal(p, g, False)), "ok"
+    except _Unsupported:
+        return _WORKER.call(p, g, timeout)
+
+
 def check_answer(pred, gold, timeout=1.0):
     """Grade one answer: (is_equal, status) with status "ok" | "timeout" | "error".
 
     pred: extracted model answer (None = no answer, graded False); gold: gold answer.
     Both are LaTeX or plain text; $, \\left/\\right, spacing, \\text units, degrees,
-    thousands separators, `x =` prefixes are ignored. Numbers are equal when exact
-    rationals agree or within relative tolerance REL_TOL (1e-4); a gold written as a
-    decimal with >= 2 significant digits also accepts predictions that round to it.
-    Percent: 10% equals both 10 and 0.1. Tuples, intervals (ends matter) and
-    matrices are ordered; sets, comma lists and unions are order-free. Expressions
-    with variables are compared at fixed random points, then with sympy in a worker
-    process. Never raises; returns within about `timeout` seconds (False, "timeout").
-    Answers over MAX_ANSWER_CHARS characters are compared as exact strings only.
+    thousands separators, `x =` prefixes are ignored. A text with prose around its
+    math (a whole completion or solution) is also tried through extract_answer.
+    Numbers are equal when exact rationals agree or within relative tolerance REL_TOL
+    (1e-6); a gold written as a decimal with >= 2 significant digits also accepts
+    predictions that round to it. Percent: 10% equals both 10 and 0.1. Tuples,
+    intervals (ends matter) and matrices are ordered; sets, comma lists and unions
+    are order-free, a repeated item counting once. Expressions with variables are
+    compared at fixed random points, then with sympy in a worker process. Never
+    raises; returns within about `timeout` seconds (False, "timeout"). Answers over
+    MAX_ANSWER_CHARS characters are compared as exact strings only.
     """
     if pred is None or gold is None:
         return False, "ok"
     try:
+        deadline = time.monotonic() + timeout
         pred, gold = str(pred).strip(), str(gold).strip()
         if pred == gold:
             return True, "ok"
-        if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
-            return False, "ok"
-        p, g = _normalize(pred), _normalize(gold)
-        if not p:
-            return False, "ok"
-        try:
-            return bool(_equal(p, g, False)), "ok"
-        except _Unsupported:
-            return _WORKER.call(p, g, timeout)
+        pairs = [tuple((extract_answer(x) or x) if _is_prose(x) else x for x in (pred, gold))]
+        if pairs[0] != (pred, gold):
+            pairs.append((pred, gold))   # a prose-like answer ("f(x) = x$, where ...") as written
+        status = "ok"
+        for p, g in pairs:
+            ok, st = _check_pair(p, g, max(0.05, deadline - time.monotonic()))
+            if ok:
+                return True, "ok"
+            status = st if st != "ok" else status
+        return False, status
     except Exception:
         return False, "error"
 
@@ -1283,7 +1435,8 @@ def score_completions(texts, golds, template, format_bonus, timeout):
     for text, gold in zip(texts, golds):
         pred = extract_answer(text)
         ok, status = check_answer(pred, gold, timeout)
-        well_formed = pred is not None and (template != "r1" or bool(re.search(r"</think>\s*<answer>.*</answer>", text, re.S)))
+        well_formed = pred is not None and bool(  # the format the template asks for, not any parsable answer
+            re.search(r"</think>\s*<answer>.*</answer>", text, re.S) if template == "r1" else re.search(r"\\(boxed|fbox)", text))
         correct.append(ok), format_ok.append(well_formed), statuses.append(status), answers.append(pred)
     correct = torch.tensor(correct, dtype=torch.bool)
     format_ok = torch.tensor(format_ok, dtype=torch.bool)
@@ -1371,7 +1524,7 @@ def sample(model, tokenizer, prompts, num_samples, max_new_tokens, temperature, 
             out = model.generate(**batch, generation_config=gen_config, tokenizer=tokenizer if stop else None)
         for r, tokens in zip(chunk, out[:, batch["input_ids"].shape[1]:].tolist()):
             n = completion_length(tokens, stops, tokenizer, stop)
-            completions[r], truncated[r] = tokens[:n], n == len(tokens) and n >= max_new_tokens and not ended(tokens[:n], stops, tokenizer, stop)
+            completions[r], truncated[r] = tokens[:n], not ended(tokens[:n], stops, tokenizer, stop)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return {"prompt_ids": prompt_ids, "completion_ids": completions, "texts": texts, "truncated": truncated}
 
@@ -1568,8 +1721,9 @@ def accumulate_gradients(model, batch, idx, cfg):
     lengths = torch.tensor([len(batch["completion_ids"][i]) for i in idx])
     weights = sequence_weights(lengths, cfg.loss_agg, cfg.max_new_tokens)  # (B,) whole optimizer step
     order = sorted(range(len(idx)), key=lambda j: -lengths[j])  # length-sorted micro-batches pad less
-    totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0}
+    totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "time_forward": 0.0, "time_backward": 0.0}
     for start in range(0, len(order), cfg.micro_batch_size):
+        t0 = time.time()
         js = order[start:start + cfg.micro_batch_size]
         seqs = [idx[j] for j in js]
         logp, entropy = completion_logprobs(model, [batch["prompt_ids"][i] for i in seqs],
@@ -1581,7 +1735,10 @@ def accumulate_gradients(model, batch, idx, cfg):
         loss_tok, stats = token_loss(logp, old, ref, batch["advantages"][seqs].to(logp.device), cfg)
         w = weights[js].to(logp.device).unsqueeze(1) * mask  # (m, T)
         loss = (loss_tok * w).sum()
+        t1 = time.time()
         loss.backward()
+        totals["time_forward"] += t1 - t0
+        totals["time_backward"] += time.time() - t1
         totals["loss"] += loss.item()
         totals["entropy"] += (entropy * w).sum().item()
         for key in ("pg_loss", "kl", "clip_frac"):
@@ -1616,7 +1773,9 @@ def train_on_rollout(model, ref_model, optimizer, scheduler, batch, keep_idx, cf
 
     Old log-probs are computed only when mu > 1 (with mu = 1 pi_old is the current policy);
     reference log-probs only when kl_coef > 0. A step whose loss or gradient norm is not finite
-    is skipped: gradients dropped, weights and optimizer state untouched. Returns (stats, timings).
+    is skipped: gradients dropped, weights and optimizer state untouched. Returns (stats, timings)
+    with timings in seconds: time_logprobs (no-grad old/reference passes plus the policy's
+    forward) and time_backward (backward and optimizer).
     """
     t0 = time.time()
     model.train()  # dropout is off (load_policy); train mode enables gradient checkpointing
@@ -1640,7 +1799,9 @@ def train_on_rollout(model, ref_model, optimizer, scheduler, batch, keep_idx, cf
             optimizer.zero_grad(set_to_none=True)
             stats.append({**totals, "grad_norm": grad_norm})
     mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} if stats else {}
-    return {**mean, "skipped_steps": skipped, "optimizer_steps": len(stats)}, {"time_logprobs": t1 - t0, "time_train": time.time() - t1}
+    forward = sum(s["time_forward"] for s in stats)
+    timings = {"time_logprobs": t1 - t0 + forward, "time_backward": time.time() - t1 - forward}
+    return {**mean, "skipped_steps": skipped, "optimizer_steps": len(stats)}, timings
 
 
 # -----------------------------------------------------------------------------
@@ -1744,7 +1905,8 @@ def main(argv=None):
             sys.exit(1)
         if step % cfg.save_every == 0 or step == num_steps or stop["signal"]:
             path = save_checkpoint(cfg.out_dir, step, model, tokenizer, optimizer, scheduler, cfg.keep_last)
-            plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "metrics.png"))
+            if not plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "metrics.png")) and step == num_steps:
+                print("metrics.png not written: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         if stop["signal"]:
             print(f"received {stop['signal']}: saved {path}; continue with --resume", file=sys.stderr)
             sys.exit(128 + stop["number"])
@@ -1774,7 +1936,7 @@ def rl_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, c
              "completion_ids": rollout["completion_ids"], "advantages": advantages.flatten()}
     keep_idx = keep.flatten().nonzero().flatten().tolist()
     stats, timings = train_on_rollout(model, ref_model, optimizer, scheduler, batch, keep_idx, cfg, generator) \
-        if keep_idx else ({"skipped_steps": 0, "optimizer_steps": 0}, {"time_logprobs": 0.0, "time_train": 0.0})
+        if keep_idx else ({"skipped_steps": 0, "optimizer_steps": 0}, {"time_logprobs": 0.0, "time_backward": 0.0})
     lengths = torch.tensor([len(c) for c in rollout["completion_ids"]], dtype=torch.float32)
     equal = (rewards.view(P, G) == rewards.view(P, G)[:, :1]).all(dim=1)
     return {"step": step, "reward_mean": rewards.mean().item(), "accuracy": correct.float().mean().item(),
@@ -1836,7 +1998,10 @@ def install_signal_handlers():
     state = {"signal": None, "number": 0}
 
     def handler(number, frame):
+        if state["signal"]:  # a second signal: the user does not want to wait for the step to end
+            raise KeyboardInterrupt
         state["signal"], state["number"] = signal.Signals(number).name, number
+        print(f"\n{state['signal']}: finishing this step, then saving a checkpoint (send again to abort)", file=sys.stderr)
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, handler)
     return state

@@ -109,15 +109,16 @@ def make_inputs(args, model_dir):
 # ----------------------------------------------------------------------------- child processes
 
 def run_child(cmd, log_path):
-    """Run cmd with stdout and stderr in log_path; return (exit status, peak RSS in bytes).
+    """Run cmd with stdout and stderr in log_path; return (exit status, peak RSS in bytes, CPU seconds).
 
-    os.wait4 gives the rusage of this one child, so the peak is that tool's own VmHWM.
+    os.wait4 gives the rusage of this one child, so the peak is that tool's own VmHWM. Its CPU
+    time (user + system, all threads) depends far less on other load than wall time does.
     """
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped: keep Popen consistent
-    return proc.returncode, usage.ru_maxrss * 1024  # Linux reports kilobytes
+    return proc.returncode, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime  # maxrss in KiB
 
 
 def tail(path, n=25):
@@ -149,7 +150,7 @@ def bench_rgra(args, model_dir, work):
         if flag in help_text:
             cmd += [flag, str(value)]
     log = out_dir + ".log"
-    status, peak = run_child(cmd, log)
+    status, peak, cpu = run_child(cmd, log)
     if status != 0:
         raise RuntimeError(f"rgra.py exited with {status}:\n{tail(log)}")
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
@@ -157,7 +158,7 @@ def bench_rgra(args, model_dir, work):
     rows = [r for r in rows if "time_step" in r]
     steps = [{k: v for k, v in r.items() if k.startswith("time_")} for r in rows]
     lengths = [r["len_mean"] for r in rows if "len_mean" in r]
-    return {"cmd": cmd, "steps": steps, "peak_rss": peak, "completion_len": lengths}
+    return {"cmd": cmd, "steps": steps, "peak_rss": peak, "cpu_seconds": cpu, "completion_len": lengths}
 
 
 def bench_trl(args, model_dir, work, inputs):
@@ -169,12 +170,12 @@ def bench_trl(args, model_dir, work, inputs):
         json.dump(spec, f)
     cmd = [args.trl_python, os.path.abspath(__file__), "--trl-child", spec_path]
     log = os.path.join(work, "trl.log")
-    status, peak = run_child(cmd, log)
+    status, peak, cpu = run_child(cmd, log)
     if status != 0:
         raise RuntimeError(f"TRL child exited with {status}:\n{tail(log)}")
     with open(spec["result"]) as f:
         result = json.load(f)
-    return dict(result, cmd=cmd, peak_rss=peak)
+    return dict(result, cmd=cmd, peak_rss=peak, cpu_seconds=cpu)
 
 
 def trl_child(spec_path):
@@ -229,7 +230,7 @@ def trl_child(spec_path):
 
         def on_step_begin(self, args, state, control, **kw):
             timers.clear()
-            self.t0 = time.perf_counter()
+            self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
         def on_pre_optimizer_step(self, args, state, control, **kw):
             self.t_opt = time.perf_counter()
@@ -238,7 +239,7 @@ def trl_child(spec_path):
             timers["optimizer"] = time.perf_counter() - self.t_opt
 
         def on_step_end(self, args, state, control, **kw):
-            row = {"time_step": time.perf_counter() - self.t0}
+            row = {"time_step": time.perf_counter() - self.t0, "cpu_step": time.process_time() - self.cpu0}
             row.update({("time_" + k if not k.startswith("calls_") else k): v for k, v in timers.items()})
             self.steps.append(row)
 
@@ -324,6 +325,10 @@ def report(args, results):
     for tool, r in results.items():
         print(f"\n{tool} seconds per step: " + ", ".join(f"{s['time_step']:.2f}" for s in r["steps"])
               + f" (first {w} = warm-up)")
+        if "cpu_seconds" in r:
+            print(f"{tool} CPU seconds of the whole run (loading included): {r['cpu_seconds']:.0f}")
+        if any("cpu_step" in s for s in r["steps"]):
+            print(f"{tool} CPU seconds per step: " + ", ".join(f"{s['cpu_step']:.0f}" for s in r["steps"]))
         print(f"{tool} command: {' '.join(r['cmd'])}")
     for tool, r in results.items():
         parts = [(k, median(r["steps"], "time_" + k, w)) for k in ("forward", "backward", "optimizer")]
