@@ -158,7 +158,8 @@ def check_args(parser, args):
     group_baseline = args.advantage in ("group", "leave-one-out") or args.std_norm == "group"
     if group_baseline and args.group_size < 2:
         parser.error(f"--group-size {args.group_size}: --advantage {args.advantage} / --std-norm {args.std_norm} need a group of at least 2")
-    for flag in ("prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "mini_batches", "micro_batch_size", "gen_batch_size"):
+    for flag in ("prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "mini_batches", "micro_batch_size",
+                 "gen_batch_size", "save_every", "max_bad_steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     rollout = args.prompts_per_step * args.group_size
@@ -168,8 +169,12 @@ def check_args(parser, args):
         parser.error(f"--micro-batch-size {args.micro_batch_size} does not divide the optimizer step of {rollout // args.mini_batches} sequences")
     if args.kl_coef < 0:
         parser.error(f"--kl-coef {args.kl_coef} is negative")
-    if not (0 <= args.eps_low < 1) or args.eps_high < 0:
-        parser.error(f"--eps-low {args.eps_low} must be in [0, 1) and --eps-high {args.eps_high} >= 0")
+    if not 0 <= args.eps_low < 1:
+        parser.error(f"--eps-low {args.eps_low} must be in [0, 1)")
+    if args.eps_high < 0:
+        parser.error(f"--eps-high {args.eps_high} must be >= 0")
+    if args.keep_last < 0 or args.steps < 0:
+        parser.error("--keep-last and --steps must be >= 0")
     if args.temperature < 0 or not (0 < args.top_p <= 1):
         parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.mu > 1 and args.surrogate == "pg":
@@ -1474,9 +1479,11 @@ def load_policy(model_path, device, dtype=torch.float32):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    for module in model.modules():
+    for module in model.modules():  # attention layers copy attention_dropout from the config when built
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
     for key in ("attention_dropout", "hidden_dropout", "dropout"):
         if hasattr(model.config, key):
             setattr(model.config, key, 0.0)
@@ -1530,17 +1537,19 @@ def sample(model, tokenizer, prompts, num_samples, max_new_tokens, temperature, 
 
 
 def completion_length(tokens, stops, tokenizer, stop):
-    """Tokens up to and including the first EOS; else up to the end of the first stop string."""
-    for t, tok in enumerate(tokens):
-        if tok in stops:
-            return t + 1
-    if stop and any(s in tokenizer.decode(tokens) for s in stop):
-        lo, hi = 1, len(tokens)  # smallest prefix whose text holds a stop string (monotone in length)
+    """Tokens up to and including the first EOS, or to the end of an earlier stop string.
+
+    The stop string is searched only before the first EOS: generate pads a row that stopped on a
+    string with pad tokens, and pad may equal EOS, a token that was never sampled.
+    """
+    n = next((t + 1 for t, tok in enumerate(tokens) if tok in stops), len(tokens))
+    if stop and any(s in tokenizer.decode(tokens[:n]) for s in stop):
+        lo, hi = 1, n  # smallest prefix whose text holds a stop string (monotone in length)
         while lo < hi:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if any(s in tokenizer.decode(tokens[:mid]) for s in stop) else (mid + 1, hi)
         return lo
-    return len(tokens)
+    return n
 
 
 def ended(tokens, stops, tokenizer, stop):
@@ -1828,7 +1837,9 @@ def save_checkpoint(out_dir, step, model, tokenizer, optimizer, scheduler, keep_
     os.replace(tmp, final)
     if keep_last > 0:
         for old in checkpoints(out_dir)[:-keep_last]:
-            shutil.rmtree(old)
+            doomed = os.path.join(out_dir, ".del_" + os.path.basename(old))
+            os.replace(old, doomed)  # no longer listed as a checkpoint before its files go
+            shutil.rmtree(doomed)
     return final
 
 
@@ -1887,8 +1898,9 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
-        trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step)
         print(f"resumed from {resume_from} at step {start_step}")
+    if cfg.resume:  # steps logged after the checkpoint are run again: drop their lines
+        trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step)
     num_steps = cfg.steps or math.ceil(len(problems) / cfg.prompts_per_step)
     stop = install_signal_handlers()
     bad_in_a_row, step = 0, start_step
@@ -1900,15 +1912,15 @@ def main(argv=None):
                             if k in ("step", "reward_mean", "accuracy", "loss", "kl", "grad_norm", "len_mean", "time_step")))
         bad_in_a_row = bad_in_a_row + 1 if metrics["skipped_steps"] else 0
         if bad_in_a_row >= cfg.max_bad_steps:
-            print(f"error: {bad_in_a_row} steps in a row had a non-finite loss or gradient; stopping. "
-                  f"Last good checkpoint: {(checkpoints(cfg.out_dir) or ['none'])[-1]}", file=sys.stderr)
+            tqdm.write(f"error: {bad_in_a_row} steps in a row had a non-finite loss or gradient; stopping. "
+                       f"Last good checkpoint: {(checkpoints(cfg.out_dir) or ['none'])[-1]}", file=sys.stderr)
             sys.exit(1)
-        if step % cfg.save_every == 0 or step == num_steps or stop["signal"]:
+        if (step % cfg.save_every == 0 or step == num_steps) and not bad_in_a_row or stop["signal"]:
             path = save_checkpoint(cfg.out_dir, step, model, tokenizer, optimizer, scheduler, cfg.keep_last)
             if not plot_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "metrics.png")) and step == num_steps:
                 print("metrics.png not written: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         if stop["signal"]:
-            print(f"received {stop['signal']}: saved {path}; continue with --resume", file=sys.stderr)
+            tqdm.write(f"received {stop['signal']}: saved {path}; continue with --resume", file=sys.stderr)
             sys.exit(128 + stop["number"])
     print(f"done: {num_steps} steps, last checkpoint {checkpoints(cfg.out_dir)[-1]}")
 
@@ -1973,12 +1985,12 @@ def peak_memory_gb(model):
 
 def prepare_out_dir(cfg):
     """Create out_dir and save config.json; refuse to overwrite an existing run unless --resume."""
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if not cfg.resume and (checkpoints(cfg.out_dir) or os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl"))):
-        raise FileExistsError(f"--out-dir {cfg.out_dir} already holds a run; pass --resume or choose another --out-dir")
-    hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", cfg.model) and not cfg.model.endswith(".gguf")
+    hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w-][\w.-]*)?", cfg.model) and not cfg.model.endswith(".gguf")
     if not hub_id and not os.path.exists(cfg.model):
         raise FileNotFoundError(f"--model {cfg.model}: no such file or folder")
+    if not cfg.resume and (checkpoints(cfg.out_dir) or os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl"))):
+        raise FileExistsError(f"--out-dir {cfg.out_dir} already holds a run; pass --resume or choose another --out-dir")
+    os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(vars(cfg), f, indent=1)
 
@@ -2001,7 +2013,7 @@ def install_signal_handlers():
         if state["signal"]:  # a second signal: the user does not want to wait for the step to end
             raise KeyboardInterrupt
         state["signal"], state["number"] = signal.Signals(number).name, number
-        print(f"\n{state['signal']}: finishing this step, then saving a checkpoint (send again to abort)", file=sys.stderr)
+        os.write(2, f"\n{state['signal']}: finishing this step, then saving a checkpoint (send again to abort)\n".encode())
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, handler)
     return state

