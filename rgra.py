@@ -203,13 +203,16 @@ def gold_answer(row):
     """The gold final answer of a data row as a string, or None (SPEC section 9).
 
     final_answer[0] (OlympiadBench, `$` stripped) | answer (GSM8K: after '#### ', commas
-    dropped; AMC's float 27.0 -> '27'; Dr. GRPO's stringified list "['9.6']" -> '9.6')
-    | last \\boxed{} of solution (MATH, Minerva).
+    dropped; AMC's float 27.0 -> '27'; Dr. GRPO's list ['9.6\\n'] or "['9.6']" -> '9.6')
+    | last \\boxed{} of solution (MATH, Minerva), joined with the boxes just before it when only
+    separators stand between them (multi-part MATH answers boxed piece by piece).
     """
     final = row.get("final_answer")
     if isinstance(final, list) and final and isinstance(final[0], str):
-        return final[0].strip().strip("$").strip()
+        return final[0].strip().strip("$").strip() or None
     answer = row.get("answer")
+    if isinstance(answer, list):  # Dr. GRPO's Minerva/OlympiadBench: a list of accepted forms
+        answer = answer[0] if answer and isinstance(answer[0], str) else None
     if isinstance(answer, bool):
         answer = None
     if isinstance(answer, (int, float)):
@@ -221,7 +224,7 @@ def gold_answer(row):
         return (listed.group(2).replace("\\n", "").strip() if listed else answer.strip()) or None
     for key in ("solution", "gt_answer", "ground_truth_answer"):
         if isinstance(row.get(key), str):
-            boxed = __last_boxed(row[key]) if key == "solution" else row[key].strip()
+            boxed = (_final_boxes(row[key]) or (0, None))[1] if key == "solution" else row[key].strip()
             if boxed:
                 return boxed
     return None

@@ -3,15 +3,18 @@
 Both tools train SmolLM2-135M-Instruct on CPU for one identical configuration: P GSM8K train
 prompts x G completions per rollout batch, N new tokens, temperature 1.0, KL coefficient 0,
 seq-mean-token-mean aggregation, one optimizer step per rollout batch (mu = 1) and the same
-micro-batch size (gradient accumulation over 32 / micro-batch micro-batches).
+micro-batch size (gradient accumulation over P*G / micro-batch micro-batches).
 
 Each tool runs in its own child process, one after the other, so that the peak resident memory
 (ru_maxrss from os.wait4, i.e. VmHWM of that child) belongs to that tool alone. The step time is
-the median wall time of the optimizer steps that follow the warm-up steps.
+the median wall time of the optimizer steps that follow the warm-up steps. On a shared machine
+both wall time and CPU seconds (also printed; idle OpenMP threads spin) grow with other load:
+compare runs made under the same load, and quote `uptime` with them.
 
     python bench/bench_speed.py                       # both tools, defaults of the issue
     python bench/bench_speed.py --tools trl           # TRL only
     python bench/bench_speed.py --micro-batch-size 4  # 8 micro-batches per optimizer step
+    python bench/bench_speed.py --load trl=WORK/trl_result.json   # reuse an earlier TRL run
 
 TRL is a benchmark-only dependency (bench/requirements.txt). --trl-python may point at an
 interpreter that has it when the main one does not.
@@ -29,6 +32,9 @@ import sys
 import tempfile
 import time
 
+# The settings that must be equal for two results to be compared
+CONFIG_KEYS = ("train_data", "num_prompts", "group_size", "max_new_tokens", "temperature",
+               "micro_batch_size", "lr", "warmup_steps", "steps", "seed")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -111,8 +117,8 @@ def make_inputs(args, model_dir):
 def run_child(cmd, log_path):
     """Run cmd with stdout and stderr in log_path; return (exit status, peak RSS in bytes, CPU seconds).
 
-    os.wait4 gives the rusage of this one child, so the peak is that tool's own VmHWM. Its CPU
-    time (user + system, all threads) depends far less on other load than wall time does.
+    os.wait4 gives the rusage of this one child, so the peak is that tool's own VmHWM; CPU time
+    is user + system over all its threads.
     """
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -130,8 +136,8 @@ def bench_rgra(args, model_dir, work):
     """Run rgra.py's own CLI for warm-up + measured steps; return per-step timings and peak RSS.
 
     Reads OUT/metrics.jsonl, one JSON object per RL step: time_step and its split time_generate,
-    time_score, time_logprobs (no-grad old/reference passes), time_train (forward, backward and
-    optimizer), in seconds; len_mean in tokens.
+    time_score, time_logprobs (all log-prob forward passes), time_backward (backward passes and
+    optimizer step), in seconds; len_mean in tokens.
     """
     rgra_py = os.path.join(REPO, "rgra.py")
     if not os.path.exists(rgra_py):
@@ -280,19 +286,21 @@ def trl_child(spec_path):
 
 # ----------------------------------------------------------------------------- report
 
-SPLIT = ("generate", "score", "logprobs", "train", "other")
+SPLIT = ("generate", "score", "logprobs", "backward", "other")
 
 
 def split_step(step):
-    """One step's seconds as generate / score / logprobs / train / other.
+    """One step's seconds as generate / score / logprobs / backward / other, as rgra.py logs them.
 
-    logprobs: passes without gradient (old-policy or reference log-probs); train: forward,
-    backward and optimizer step over the micro-batches; other: the rest of the step
-    (advantages, batching, bookkeeping). Keys are rgra.py's; TRL's timers are mapped onto them.
+    logprobs: every log-prob forward pass, with gradient (the policy's training forward) or
+    without (old-policy or reference passes); backward: backward passes plus the optimizer step;
+    other: the rest of the step (advantages, batching, bookkeeping). TRL's timers are mapped onto
+    these names: its forward (_compute_loss) and no-grad passes into logprobs, backward and
+    optimizer into backward.
     """
-    train = step.get("time_train", sum(step.get(k, 0.0) for k in ("time_forward", "time_backward", "time_optimizer")))
     out = {"generate": step.get("time_generate", 0.0), "score": step.get("time_score", 0.0),
-           "logprobs": step.get("time_logprobs", step.get("time_nograd_logprobs", 0.0)), "train": train}
+           "logprobs": sum(step.get(k, 0.0) for k in ("time_logprobs", "time_nograd_logprobs", "time_forward")),
+           "backward": step.get("time_backward", 0.0) + step.get("time_optimizer", 0.0)}
     out["other"] = step["time_step"] - sum(out.values())
     return out
 
@@ -330,10 +338,11 @@ def report(args, results):
         if any("cpu_step" in s for s in r["steps"]):
             print(f"{tool} CPU seconds per step: " + ", ".join(f"{s['cpu_step']:.0f}" for s in r["steps"]))
         print(f"{tool} command: {' '.join(r['cmd'])}")
-    for tool, r in results.items():
-        parts = [(k, median(r["steps"], "time_" + k, w)) for k in ("forward", "backward", "optimizer")]
+    if "trl" in results:
+        steps = results["trl"]["steps"]
+        parts = [(k, median(steps, "time_" + k, w)) for k in ("forward", "backward", "optimizer")]
         if all(v is not None for _, v in parts):
-            print(f"{tool} train = " + " + ".join(f"{k} {v:.2f}" for k, v in parts) + " s")
+            print("trl logprobs+backward = " + " + ".join(f"{k} {v:.2f}" for k, v in parts) + " s")
     if "trl" in results:
         calls = [s.get("calls_nograd_logprobs", 0) for s in results["trl"]["steps"]]
         print(f"trl {results['trl']['trl_version']}: log-prob passes without gradient per step: {calls}")
@@ -378,15 +387,19 @@ def main():
     inputs = make_inputs(args, model_dir)
     print(f"model: {model_dir}\nlogs: {work}", flush=True)
     saved = dict(item.split("=", 1) for item in args.load)
+    config = {k: getattr(args, k) for k in CONFIG_KEYS}
     results = {}
     for tool in args.tools.split(","):
         if tool in saved:
             with open(saved[tool]) as f:
                 results[tool] = json.load(f)
+            if results[tool].get("config") != config:
+                p.error(f"--load {tool}: {saved[tool]} was run with {results[tool].get('config')}, not {config}")
             continue
         t0 = time.time()
         print(f"running {tool} ...", flush=True)
         results[tool] = bench_rgra(args, model_dir, work) if tool == "rgra" else bench_trl(args, model_dir, work, inputs)
+        results[tool]["config"] = config
         with open(os.path.join(work, f"{tool}_result.json"), "w") as f:
             json.dump(results[tool], f)
         print(f"  {tool} done in {time.time() - t0:.0f} s", flush=True)
