@@ -503,7 +503,8 @@ def extract_answer(text, last_number_fallback=False):
         return hashes[-1].strip()
     last = _last_match(_PHRASE, text)
     if last is not None:
-        return _phrase_answer(text[last.end():])
+        phrase = _phrase_answer(text[last.end():])
+        return None if phrase and re.search(r"\\(?:boxed|fbox)", phrase) else phrase  # "within \boxed{}": empty box
     math = _last_math(text)
     if math:
         return math[1]

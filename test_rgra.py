@@ -1129,6 +1129,11 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
+def test_empty_box_in_an_answer_phrase_is_no_answer():
+    assert extract_answer("The answer is within \\boxed{}.") is None
+    assert extract_answer("The answer is within \\boxed{}. The answer is 7") == "7"
+
+
 def test_last_number_fallback_is_opt_in():
     text = "Adding them gives 1,234 apples and then 56.5 more"
     assert extract_answer(text) is None
@@ -1961,7 +1966,7 @@ def test_eval_hub_without_datasets_is_a_clear_error(monkeypatch):
 
 # ----------------------------------------------------------------------------- bad input: exit 2, no model loaded
 
-def _fail_if_loaded(*args, **kwargs):
+def _eval_fail_if_loaded(*args, **kwargs):
     raise AssertionError("a model was loaded before the input was checked")
 
 
@@ -1975,7 +1980,7 @@ def _fail_if_loaded(*args, **kwargs):
     ("empty_folder", "neither config.json"),
 ])
 def test_eval_bad_input_exits_2_before_loading(case, message, eval_data_dir, eval_tiny_model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(rgra, "load_policy", _fail_if_loaded)
+    monkeypatch.setattr(rgra, "load_policy", _eval_fail_if_loaded)
     model, benchmarks = eval_tiny_model_dir, ["gsm8k", "amc23"]
     gsm8k = os.path.join(eval_data_dir, "gsm8k", "test.jsonl")
     lines = open(gsm8k).read().splitlines()
