@@ -1514,30 +1514,51 @@ def sample(model, tokenizer, prompts, num_samples, max_new_tokens, temperature, 
       truncated       P*n bools: stopped by the max_new_tokens budget, not by EOS or a stop string
     The completion length comes from the first EOS (or stop string) in the generated tokens,
     never from comparing to the pad id: with pad == eos that would drop the EOS from the loss
-    (trap 2). temperature 0 means greedy decoding. Sequences are batched sorted by prompt length.
+    (trap 2). temperature 0 means greedy decoding. Prompts are batched sorted by length, in whole
+    groups of at most batch_size sequences.
     """
     from transformers import GenerationConfig
     model.eval()
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]
-    order = sorted(range(len(rows)), key=lambda r: -len(prompt_ids[rows[r][0]]))
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))  # longest first: less padding
     stops = set(eos_ids(model, tokenizer))
     gen_config = GenerationConfig(  # explicit: a model's own defaults (top_k, repetition_penalty) would change pi_old
         do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_p=top_p if temperature > 0 else None,
         top_k=0 if temperature > 0 else None, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=sorted(stops), stop_strings=list(stop) or None)
-    completions, truncated = [None] * len(rows), [None] * len(rows)
-    device = next(model.parameters()).device
-    for start in range(0, len(rows), batch_size):
-        chunk = order[start:start + batch_size]
-        batch = tokenizer.pad({"input_ids": [prompt_ids[rows[r][0]] for r in chunk]}, return_tensors="pt").to(device)
-        with autocast(device):
-            out = model.generate(**batch, generation_config=gen_config, tokenizer=tokenizer if stop else None)
-        for r, tokens in zip(chunk, out[:, batch["input_ids"].shape[1]:].tolist()):
+    completions, truncated = [None] * (len(prompts) * num_samples), [None] * (len(prompts) * num_samples)
+    per_chunk = max(1, batch_size // num_samples)  # whole groups per generate call
+    for start in range(0, len(order), per_chunk):
+        chunk = order[start:start + per_chunk]
+        with autocast(next(model.parameters()).device):
+            out, prompt_len = generate_group(model, tokenizer, [prompt_ids[i] for i in chunk], num_samples, gen_config, stop)
+        for j, tokens in enumerate(out[:, prompt_len:].tolist()):
+            r = chunk[j // num_samples] * num_samples + j % num_samples
             n = completion_length(tokens, stops, tokenizer, stop)
             completions[r], truncated[r] = tokens[:n], not ended(tokens[:n], stops, tokenizer, stop)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return {"prompt_ids": prompt_ids, "completion_ids": completions, "texts": texts, "truncated": truncated}
+
+
+def generate_group(model, tokenizer, prompt_ids, num_samples, gen_config, stop):
+    """generate num_samples continuations of each prompt; the prompts are pre-filled only once.
+
+    generate would run the prompt of every one of the P*n rows; here each distinct prompt fills
+    a KV cache once (all but its last token), the cache is repeated n times, and generate goes
+    on from it. Returns (token ids (P*n, Lp + new) on the model's device, Lp), prompt-major.
+    """
+    from transformers import DynamicCache
+    device = next(model.parameters()).device
+    batch = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left-padded
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    cache = DynamicCache(config=model.config)
+    if ids.shape[1] > 1:
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(num_samples)
+    out = model.generate(input_ids=ids.repeat_interleave(num_samples, 0), attention_mask=mask.repeat_interleave(num_samples, 0),
+                         past_key_values=cache, generation_config=gen_config, tokenizer=tokenizer if stop else None)
+    return out, ids.shape[1]
 
 
 def completion_length(tokens, stops, tokenizer, stop):

@@ -729,6 +729,21 @@ def test_eos_token_is_trained(tiny_tokenizer):
     assert totals["loss"] != pytest.approx(-logp[:-1].mean().item(), rel=1e-3)
 
 
+def test_shared_prefill_sampling_equals_plain_generate(tiny_tokenizer, tiny_model):
+    """sample() pre-fills each prompt once and repeats its KV cache for the group; under greedy
+    decoding every completion must equal what plain generate gives for that prompt alone."""
+    from transformers import GenerationConfig
+    prompts = ["ab", "abcdefgh", "xyz"]  # different lengths: the short ones are left-padded
+    out = rgra.sample(tiny_model, tiny_tokenizer, prompts, num_samples=3, max_new_tokens=7, temperature=0, batch_size=9)
+    gen = GenerationConfig(do_sample=False, max_new_tokens=7, pad_token_id=EOS, eos_token_id=[EOS])
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([tiny_tokenizer(p, add_special_tokens=False).input_ids])
+        plain = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)[0, ids.shape[1]:].tolist()
+        n = len(out["completion_ids"][3 * i])
+        assert all(out["completion_ids"][3 * i + k] == plain[:n] for k in range(3))
+        assert n == next((t + 1 for t, tok in enumerate(plain) if tok == EOS), len(plain))
+
+
 def test_sample_with_stop_string(tiny_tokenizer):
     """r1's stop string ends a completion; EOS is impossible here, so no completion may hold one."""
     bias = torch.zeros(len(WORDS))
