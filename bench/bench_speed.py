@@ -352,7 +352,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tools", default="rgra,trl", help="comma-separated subset of rgra,trl (run in this order)")
     p.add_argument("--model", default=default_gguf(), help=".gguf file (converted once) or HF folder")
-    p.add_argument("--train-data", default="/work/shared/data/gsm8k/train.jsonl")
+    p.add_argument("--train-data", default=os.path.join(os.path.dirname(REPO), "shared", "data", "gsm8k", "train.jsonl"))
     p.add_argument("--num-prompts", type=int, default=4)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
