@@ -1754,7 +1754,12 @@ def accumulate_gradients(model, batch, idx, cfg):
     """
     lengths = torch.tensor([len(batch["completion_ids"][i]) for i in idx])
     weights = sequence_weights(lengths, cfg.loss_agg, cfg.max_new_tokens)  # (B,) whole optimizer step
-    order = sorted(range(len(idx)), key=lambda j: -lengths[j])  # length-sorted micro-batches pad less
+    # length-sorted micro-batches pad less; with a shared prompt, keep each group together so that
+    # its prompt runs once per micro-batch rather than once per completion
+    prompt_len = [len(batch["prompt_ids"][i]) for i in idx]
+    key = (lambda j: (-prompt_len[j], batch["prompt_ids"][idx[j]], -lengths[j])) if cfg.share_prompt else \
+          (lambda j: -(prompt_len[j] + lengths[j]))
+    order = sorted(range(len(idx)), key=key)
     totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "time_forward": 0.0, "time_backward": 0.0}
     for start in range(0, len(order), cfg.micro_batch_size):
         t0 = time.time()
