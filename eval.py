@@ -189,7 +189,7 @@ def evaluate(model, tokenizer, problems, args, desc="eval"):
                               args.top_p, args.batch_size, rgra.stop_strings(args.template))
             for row, (text, ids, cut) in enumerate(zip(out["texts"], out["completion_ids"], out["truncated"])):
                 i, k = chunk[row // args.n], row % args.n
-                answer = rgra.extract_answer(text)
+                answer = rgra.extract_answer(text, last_math_fallback=False)  # as in training
                 correct, status = rgra.check_answer(answer, problems[i]["answer"], args.grader_timeout)
                 records[i * args.n + k] = {
                     "index": i, "sample": k, "prompt": prompts[i], "problem": problems[i]["question"],

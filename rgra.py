@@ -470,7 +470,7 @@ def _last_match(pattern, text):
     return last
 
 
-def extract_answer(text, last_number_fallback=False):
+def extract_answer(text, last_number_fallback=False, last_math_fallback=True):
     """Final answer of a model completion, or None.
 
     Looks, in order, at: <answer>...</answer> (r1 template; a box inside wins;
@@ -478,7 +478,10 @@ def extract_answer(text, last_number_fallback=False):
     \\boxed{...} (nested braces, `\\boxed 7`, \\fbox; boxes separated only by
     "and"/commas are one answer; a "final answer is" sentence after the box wins),
     GSM8K's `#### 72`, phrases like "The final answer is $x$. I hope it is correct."
-    (Minerva) or "Answer: x", and then the last math span ($x$, \\[x\\]). A last box
+    (Minerva) or "Answer: x", and then, when last_math_fallback, the last math span
+    ($x$, \\[x\\]). Training and eval.py turn that fallback off: in an unfinished
+    completion the last span is often the restated question (`|(1-i)^8|` for gold 16),
+    which would reward echoing the problem. A last box
     left open gives None. When last_number_fallback is True (off by default: it
     rewards unfinished completions) the last number in the text is the answer of
     last resort. Only the last MAX_TEXT_CHARS characters are read; linear time.
@@ -505,7 +508,7 @@ def extract_answer(text, last_number_fallback=False):
     if last is not None:
         phrase = _phrase_answer(text[last.end():])
         return None if phrase and re.search(r"\\(?:boxed|fbox)", phrase) else phrase  # "within \boxed{}": empty box
-    math = _last_math(text)
+    math = _last_math(text) if last_math_fallback else None
     if math:
         return math[1]
     if last_number_fallback:
@@ -1442,7 +1445,7 @@ def score_completions(texts, golds, template, format_bonus, timeout):
     """
     correct, format_ok, statuses, answers = [], [], [], []
     for text, gold in zip(texts, golds):
-        pred = extract_answer(text)
+        pred = extract_answer(text, last_math_fallback=False)  # a bare $x$ in a cut-off completion is no answer
         ok, status = check_answer(pred, gold, timeout)
         well_formed = pred is not None and bool(  # the format the template asks for, not any parsable answer
             re.search(r"</think>\s*<answer>.*</answer>", text, re.S) if template == "r1" else re.search(r"\\(boxed|fbox)", text))

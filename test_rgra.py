@@ -729,6 +729,16 @@ def test_eos_token_is_trained(tiny_tokenizer):
     assert totals["loss"] != pytest.approx(-logp[:-1].mean().item(), rel=1e-3)
 
 
+def test_reward_ignores_a_bare_math_span():
+    """The training reward needs an answer in the template's format: a cut-off completion whose last
+    $...$ restates the question (|(1-i)^8| = 16) must not be rewarded."""
+    texts = ["First, $|(1-i)^8|$", "so the answer is \\boxed{16}", "<think>ok</think> <answer>16</answer>"]
+    rewards, correct, info = rgra.score_completions(texts[:2], ["16", "16"], "chat", 0.1, 1.0)
+    assert correct.tolist() == [False, True] and rewards.tolist() == pytest.approx([0.0, 1.1])
+    rewards, correct, info = rgra.score_completions(texts[2:], ["16"], "r1", 0.1, 1.0)
+    assert correct.tolist() == [True] and rewards.tolist() == pytest.approx([1.1]) and info["format_rate"] == 1.0
+
+
 def test_shared_prefill_sampling_equals_plain_generate(tiny_tokenizer, tiny_model):
     """sample() pre-fills each prompt once and repeats its KV cache for the group; under greedy
     decoding every completion must equal what plain generate gives for that prompt alone."""
@@ -1147,6 +1157,13 @@ def test_extract_answer(text, expected):
 def test_empty_box_in_an_answer_phrase_is_no_answer():
     assert extract_answer("The answer is within \\boxed{}.") is None
     assert extract_answer("The answer is within \\boxed{}. The answer is 7") == "7"
+
+
+def test_last_math_fallback_can_be_turned_off():
+    cut = "We need $|(1-i)^8|$. First, expand $(1-i)^2 = -2i$, so $|(1-i)^8|$"  # truncated mid-solution
+    assert extract_answer(cut) == "|(1-i)^8|"
+    assert extract_answer(cut, last_math_fallback=False) is None
+    assert extract_answer("so the answer is \\boxed{16}", last_math_fallback=False) == "16"
 
 
 def test_last_number_fallback_is_opt_in():
