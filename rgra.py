@@ -1998,12 +1998,13 @@ def rl_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, c
 
 def problems_for_step(problems, step, count, seed):
     """The `count` problems of a step: a fresh seeded shuffle every epoch, derived from the step."""
-    out = []
+    orders, out = {}, []
     for k in range((step - 1) * count, step * count):
         epoch, pos = divmod(k, len(problems))
-        order = list(range(len(problems)))
-        random.Random(seed * 7919 + epoch).shuffle(order)
-        out.append(problems[order[pos]])
+        if epoch not in orders:  # a step spans at most two epochs: shuffle each once
+            orders[epoch] = list(range(len(problems)))
+            random.Random(seed * 7919 + epoch).shuffle(orders[epoch])
+        out.append(problems[orders[epoch][pos]])
     return out
 
 
