@@ -174,7 +174,7 @@ def evaluate(model, tokenizer, problems, args, desc="eval"):
             chunk = order[start:start + per_call]
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
                 out = rgra.sample(model, tokenizer, [prompts[i] for i in chunk], args.n, budget, args.temperature,
-                                  args.top_p, args.batch_size, rgra.stop_strings(args.template))
+                                  args.top_p, args.batch_size, rgra.STOP_STRINGS.get(args.template, []))
             for row, (text, ids, cut) in enumerate(zip(out["texts"], out["completion_ids"], out["truncated"])):
                 i, k = chunk[row // args.n], row % args.n
                 correct, answer, status = rgra.grade(text, problems[i]["answer"], args.grader_timeout)

@@ -618,7 +618,7 @@ def train_recorded(algo, argv=(), lr=2.0, arch="llama"):
     record = []
     optimizer, scheduler = sgd(policy, lr, record)
     batch = rollout_batch()
-    stats, _ = rgra.train_on_rollout(policy, reference, optimizer, scheduler, batch, list(range(len(COMPLETIONS))),
+    stats = rgra.train_on_rollout(policy, reference, optimizer, scheduler, batch, list(range(len(COMPLETIONS))),
                                      cfg, torch.Generator().manual_seed(0))
     assert stats["optimizer_steps"] == cfg.mu and stats["skipped_steps"] == 0, stats
     return record, weights(policy), stats, batch
@@ -763,7 +763,7 @@ def test_train_on_rollout_uses_reference_model(tiny_tokenizer):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         batch = make_batch(policy, cfg)
         del batch["old_logp"], batch["ref_logp"]
-        stats, _ = rgra.train_on_rollout(policy, reference, optimizer, scheduler, batch, list(range(7)), cfg,
+        stats = rgra.train_on_rollout(policy, reference, optimizer, scheduler, batch, list(range(7)), cfg,
                                          torch.Generator().manual_seed(0))
         assert stats["optimizer_steps"] == 1 and stats["skipped_steps"] == 0
         return [p.detach().clone() for p in policy.parameters()], stats
@@ -927,11 +927,6 @@ def test_completion_length_with_eos(tiny_tokenizer):
     assert rgra.completion_length([20, 21, 22], stops, tiny_tokenizer, []) == 3  # truncated: no EOS
 
 
-def test_stop_strings_per_template():
-    assert rgra.stop_strings("r1") == ["</answer>"]
-    assert [rgra.stop_strings(t) for t in ("chat", "qwen_math", "none")] == [[], [], []]
-
-
 def test_completion_length_with_stop_string(tiny_tokenizer):
     stops, stop = {EOS}, ["</answer>"]
     a, b, c, d = (VOCAB.index(ch) for ch in "abcd")
@@ -1027,7 +1022,7 @@ def test_sample_with_stop_string(tiny_tokenizer):
     model = with_output_bias(build_tiny_model("llama", seed=0), bias)
     torch.manual_seed(0)
     out = rgra.sample(model, tiny_tokenizer, ["abc", "de"], num_samples=6, max_new_tokens=6, temperature=1.0,
-                      stop=rgra.stop_strings("r1"))
+                      stop=rgra.STOP_STRINGS["r1"])
     stopped = 0
     for ids, text, truncated in zip(out["completion_ids"], out["texts"], out["truncated"]):
         assert EOS not in ids, f"unsampled pad/EOS token in completion {ids}"
@@ -1208,7 +1203,7 @@ def test_rgra_objective_learns_a_toy_task(tiny_tokenizer):
         batch = {"prompt_ids": [out["prompt_ids"][i // G] for i in range(P * G)],
                  "completion_ids": out["completion_ids"], "advantages": advantages.flatten()}
         keep_idx = keep.flatten().nonzero().flatten().tolist()
-        stats, _ = rgra.train_on_rollout(model, reference, optimizer, scheduler, batch, keep_idx, cfg,
+        stats = rgra.train_on_rollout(model, reference, optimizer, scheduler, batch, keep_idx, cfg,
                                          torch.Generator().manual_seed(step))
         assert stats["skipped_steps"] == 0
     first, last = statistics.fmean(history[:5]), statistics.fmean(history[-5:])
@@ -1240,7 +1235,7 @@ def train_lora(model, steps=2, lr=1e-2, kl_coef=0.0):
     optimizer, scheduler = adamw(model, lr)
     for step in range(steps):
         batch = rollout_batch(seed=step)
-        stats, _ = rgra.train_on_rollout(model, None, optimizer, scheduler, batch, list(range(len(COMPLETIONS))),
+        stats = rgra.train_on_rollout(model, None, optimizer, scheduler, batch, list(range(len(COMPLETIONS))),
                                          cfg, torch.Generator().manual_seed(step))
         assert stats["optimizer_steps"] == 1
     return optimizer, scheduler
@@ -1292,7 +1287,7 @@ def test_lora_reference_logprobs_are_the_base_models():
     with torch.no_grad():
         want = rgra.completion_logprobs(base, prompts, COMPLETIONS, 1.0)
         on = rgra.completion_logprobs(model, prompts, COMPLETIONS, 1.0)
-        with rgra.lora_disabled(model):
+        with rgra.lora_disabled():
             off = rgra.completion_logprobs(model, prompts, COMPLETIONS, 1.0)
         again = rgra.completion_logprobs(model, prompts, COMPLETIONS, 1.0)
     assert torch.equal(off, want)
@@ -1301,7 +1296,7 @@ def test_lora_reference_logprobs_are_the_base_models():
     cfg = config("rgra", ROLLOUT_ARGS)
     optimizer, scheduler = adamw(model, 1e-2)
     batch = rollout_batch()
-    stats, _ = rgra.train_on_rollout(model, None, optimizer, scheduler, batch, list(range(len(COMPLETIONS))), cfg,
+    stats = rgra.train_on_rollout(model, None, optimizer, scheduler, batch, list(range(len(COMPLETIONS))), cfg,
                                      torch.Generator().manual_seed(0))
     for i, c in enumerate(COMPLETIONS):
         assert torch.equal(batch["ref_logp"][i], want[i, :len(c)]), f"reference log-probs of sequence {i}"
@@ -1357,7 +1352,7 @@ def test_bf16_autocast_on_cpu():
     cfg = config("grpo", BF16_ARGS)
     optimizer, scheduler = adamw(model, 1e-2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        stats, _ = rgra.train_on_rollout(model, reference, optimizer, scheduler, rollout_batch(),
+        stats = rgra.train_on_rollout(model, reference, optimizer, scheduler, rollout_batch(),
                                          list(range(len(COMPLETIONS))), cfg, torch.Generator().manual_seed(0))
     assert math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
     assert stats["optimizer_steps"] == 1 and stats["kl"] > 0
@@ -1889,8 +1884,8 @@ def test_signal_saves_checkpoint_and_exits(tiny_model_dir, train_file, tmp_path,
     assert steps == list(range(1, last + 1)) and last < 1000
     assert rgra.checkpoints(out) == [str(out / f"step_{last:06d}")]
     assert torch.load(out / f"step_{last:06d}" / "trainer_state.pt", weights_only=False)["step"] == last
-    line = message(stderr, "received")
-    assert line == f"received {signal.Signals(signum).name}: saved {out / f'step_{last:06d}'}; continue with --resume", line
+    line = message(stderr, f"{signal.Signals(signum).name}: saved")
+    assert line == f"{signal.Signals(signum).name}: saved {out / f'step_{last:06d}'}; continue with --resume", line
 
 
 # -----------------------------------------------------------------------------
@@ -2043,7 +2038,7 @@ def test_nonfinite_step_skipped_in_process(tiny_model_dir):
         batch = {"prompt_ids": [prompts[i // 2] for i in range(4)], "completion_ids": completions,
                  "advantages": torch.tensor(advantages, dtype=torch.float32)}
         return rgra.train_on_rollout(model, None, optimizer, scheduler, batch, [0, 1, 2, 3], cfg,
-                                     torch.Generator().manual_seed(0))[0]
+                                     torch.Generator().manual_seed(0))
 
     def snapshot():
         return ({k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(optimizer.state_dict()),
@@ -2294,73 +2289,356 @@ def test_answers_equal_table(pred, gold, expected):
     assert answers_equal(pred, gold) == (expected, "ok")
 
 
-# (pred, gold, expected) asserted by public grader test suites and issue reports.
-PUBLIC = [
-    # huggingface/Math-Verify tests/test_all.py (numbers, notation, percent, relations, sets)
-    ("7,425,000", "7425000", True), ("1 000", "1000", True), ("1000.0", "1000", True), ("1,000.0", "1000.0", True),
-    ("1000,99", "1000.99", True), ("1.22", "1,22", True), ("0.111", "0,111", True), (".4", "0.4", True),
-    ("$1,000.99", "1000.99", True), (r"\frac{10}{9}", "10/9", True), (r"-\frac{10}{9}", "-10/9", True),
-    ("$[0,1)$", "$[0,1)$", True), ("$[0,1)$", "$[0,9)$", False), ("$[0,9)$", "$(0,9)$", False), ("$-[0,1)$", "$1$", False),
-    (r"Answer \[ 9 \]", "$9$", True), ("Answer $ 9 $", "$9$", True), ("Answer $$ 9 $$", "$9$", True),
-    (r"Answer \( (9+1) \)", "$10$", True), ("Answer $ \n 9 \n $", "$9$", False), ("Answer \\( \n 9 \n \\)", "$9$", False),
-    ("Answer \\[ \n 9 \n \\]", "$9$", True), (r"$\frac3{3} $", "$1$", True), (r"$\sqrt3 $", r"$\sqrt{3}$", True),
-    (r"$\cfrac{1}{3} $", "$1/3$", True), (r"$\frac{1}{3} \textbf{meters}$", "$1/3$", True), (r"$k = \frac{1}{3}$", "$1/3$", True),
-    ("28 percent", r"$28\%$", True), ("28 pct", r"$28\%$", True), (r"$\boxed{28 percentage}", r"$28\%$", True),
-    ("28", r"$28\%$", True), ("28", "$0.28$", False), ("28", "$28/100$", False), ("28/100", "$28$", False),
-    (r"Therefore $x \geq 5$ is the solution.", "$x >= 5$", True), (r"We find that $x \lt 3$.", "$x < 3$", True),
-    (r"We find that $x \neq 3$.", "$x != 3$", True), ("$x = 5+5+1 = 7 =11$", "$x = 11$", True),
-    (r"$x = 5+5+1 = 1/3 \approx 11$", "$x = 1/3$", True), (r"$x\approx11$", "$11$", True),
-    (r"$x=1/3\approx1.3$", "$1/3$", True), ("$-x > -1$", "$x < 1$", True), ("$-x >= -1$", "$x <= 1$", True),
-    ("$-x > 1$", "$x < 1$", False), ("$11a+c$", "$7 = 11a+c$", False), ("$0$", r"$1 = \zzz = x = 0$", True),
-    ("$z = 3+3 = 2$", "$z = 1 + 1 = 2$", True), (r"$x \in [-2,7]$", r"$-2 \le x \le 7$", True),
-    (r"$-2 \\le x \\le 7$", r"$x \in [-2,7]$", True), (r"$\\left(\\frac{1}{5}, \\frac{1}{6}\\right)$", r"$(\frac15,\frac16)$", True),
-    (r"Special matrix: $ \left[\begin{array}{cc}1 & 2 \\3 & 4\end{array}\right] $", r"$\begin{pmatrix}1 & 2 \\3 & 4\end{pmatrix}$", True),
-    ("${1,3}$", "$(1,3)$", True), (r"$\boxed{11,\! 111,\! 111,\! 100}$", r"\[ \boxed{11111111100} \]", True),
-    ("Final Answer: The final answer is $14 {, }916$. I hope it is correct.", r"$\boxed{14{,}916}$", True),
-    ("Final Answer: The largest $n$ is 34.", "$34$", True), (r"\sqrt{17}", "4.123105625617661", True),
-    (r"$4\sqrt{2}$", "$4$", False), ("$13$", r"$\text{13}$", True), (r"\tan^2(y)+1", r"\sec^2(y)", True),
-    # huggingface/Math-Verify tests/test_numina_cases.py and test_open_thoughts.py (labelled answers, many boxes)
-    (r"$\boxed{(3, 37, 3, 13), (3, 17, 3, 7), (3,17,3,7), (17,3,3,7), (37,3,3,13), (3, 3, 2, 3)}$",
-     "$(37,3,3,13),(17,3,3,7),(3,37,3,13),(3,17,3,7),(3,3,2,3)$", True),
-    ("$(3,2)$", "$(p,q)=(3,2)$", True), ("$(3,2,7)$", "$(p,q,r)=(3,2,7)$", True), (r"$\boxed{4, 5}$", "$AB=4,CD=5$", True),
-    (r"$\boxed{7:32}$", "$S_{MBCN}:S=7:32$", True), (r"$\frac{1}{\sqrt{6}}$", r"$\frac{NO}{BO}=\frac{1}{\sqrt{6}}$", True),
-    ("$11:21$", "$V_{1}:V_{2}=11:21$", True), (r"$\boxed{-2,1}$.", r"\(\boxed{1}\) and \(\boxed{-2}\).", True),
-    ("$(0,1)$", "$0<f(x)<1$", True), (r"$\boxed{1,2,3}$", "$1$ and $2$ and $3$", True), ("$21,16,11$", "$21,16$ or $11$", True),
-    ("$${2, 3, 5, 7, 13}$$", r"$$\boxed{2}, \boxed{3}, \boxed{5}, \boxed{7}, \boxed{13}$$", True),
-    (r"$$\boxed{(x, y) = (5, 8) \quad \text{and} \quad (8, 5)}$$", "$$(5, 8), (8, 5)$$", True),
-    (r"$$\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}$$", "$$(2, 2), (6, 2)$$", True),
-    (r"$$\boxed{(3, 3)} \text{ for part (a) and } \boxed{(1, 1)}$$", "$$(3, 3), (1, 1)$$", True),
-    (r"$$\boxed{k = 45} \quad \text{and} \quad \boxed{n = 2}$$", "$$k = 45, n = 2$$", True),
-    (r"\boxed{1},\boxed{2},\boxed{3}", "$${1,2,3}$$", True), ("$$1$$", "$$|AB|=1$$", True), ("$$1$$", "$$A:B=1$$", True),
-    (r"\( y_1 = \boxed{-2(x - 1)^2 + 5} \) and \( y_2 = \boxed{3(x + 2)^2 - 2} \)", "$y_{1}=-2 x^{2}+4 x+3, y_{2}=3 x^{2}+12 x+10$", True),
-    (r"$\boxed{10^{\frac{\sqrt{13} - 5}{6}}} \quad \text{and} \quad \boxed{10^{-\frac{5 + \sqrt{13}}{6}}}$",
-     r"$x_{1}=10^{\frac{-5+\sqrt{13}}{6}},\quadx_{2}=10^{\frac{-5-\sqrt{13}}{6}}$", True),
-    (r"$\boxed{1,2}$", r"\boxed{1} papers and \boxed{2} bins", True),
-    # huggingface/Math-Verify tests/test_yujianll.py and issues #2 #14 #26 #41 #60 #69
-    ("$n=1, 2, 3$", "$n=2, 3, 4$", False), ("$D = (0, 1.5)$", "$D = (0, 1)$", False), (r"$19, 46, \text{ and } 82$", "$19, 46, and 82$", True),
-    ("$21, 36, and 82$", "$19, 46, and 82$", False), (r"$1 + \frac{1}{\mathrm{e}}$", r"$1 - \frac{1}{\mathrm{e}}$", False),
-    ("$2021$", r"$\pm 2021$", False), ("${-2021, 2021}$", r"$\pm 2021$", True), ("$1:00$", "$12:00$", False),
-    (r"$\frac{1}{2006!}$", r"$\frac{1}{2004!}$", False), (r"$\frac{1}{2^{98}}$", r"$\frac{1}{2^{99}}$", False),
-    (r"$\frac{1}{3 \cdot 2^{2006}}$", r"$\frac{2^{2005}+1}{3 \cdot 2^{2006}}$", False),
-    (r"$1, 3, 5, \ldots, 2n-1$", r"$1, 2, \ldots, n$", False), ("$y = -1/2*x + 3/4$", "$2x+4y-3=0$", True),
-    ("3*x-1*y+13=0", "3x + 4y + 14=0", False), ("-1 + exp(16)", "e^{16} - 1", True), ("pi/2", r"\dfrac{\pi}{2}", True),
-    ("14.0 + -1.0i", "14 - i", True), ("-2*pi", r"-2\pi", True), (r"\frac{100}{3}", "33.3", True),
-    (r"\begin{pmatrix}0.290243531202435\\0.196008371385084\\-0.186381278538813\end{pmatrix}",
-     r"(\begin{pmatrix}0.29\\0.196\\-0.186\\\end{pmatrix})", True),
-    (r"-\frac{8x^2}{9(x^2-2)^{5/3}}+\frac{2}{3(x^2-2)^{2/3}}", r"-\frac{2(x^2+6)}{9(x^2-2)\sqrt[3]{x^2-2}^2}", True),
-    (r"the solution to the problem is $m \in [\sqrt{2}, +\infty)$", "Final Answer\n\\[\n\\boxed{m \\geq \\sqrt{2}}\n\\]", True),
-    # QwenLM/Qwen2.5-Math evaluation/rgra.py unit tests
-    ("x = y", "x = z", False), ("x = 10", "10", True), ("[1, 2, 3]", "[1, 2, 4]", False), ("10%", "0.2", False),
-    # hendrycks/math modeling/math_equivalence_test.py (its "0.1, 4, 2" vs "4, .1, 2" = False is a judgement:
-    # comma lists are unordered here, as in Math-Verify)
-    (r"\tfrac{1}{2} + \frac1{72}", r"\frac{1}{2} + 2/3", False), (r"\tfrac{1}{2} +\! \frac1{72}", r"\dfrac{1}{2} +\frac{1}{72}", True),
-    ("10, 4, 2", "4, 12, 2", False), ("5x - 7y + 11z + 4 = 0", "x + y - z + 2 = 0", False),
-]
+# (pred, gold, expected) asserted by public grader test suites and issue reports, grouped by source:
+# Math-Verify's tests and issues, Qwen2.5-Math's grader tests, hendrycks MATH's equivalence test, and the
+# reward tests of SkyRL and slime. Long model outputs are abridged with "..." where the source says so.
+PUBLIC_CASES = {
+    'huggingface/Math-Verify tests/test_all.py': [
+        ('-5', '-5', True), ('7,425,000', '7425000', True), ('1 000', '1000', True), ('1000.0', '1000', True),
+        ('1,000.0', '1000.0', True), ('1000,99', '1000.99', True), ('1.22', '1,22', True),
+        ('Soucis : 2,74 $ a..', '2.74', True), ('.4', '0.4', True), ('1,000.99', '1000.99', True),
+        ('$1,000.99', '1000.99', True), ('1,000.99$', '1000.99', True),
+        ('the number is not 10 which is 1,000.99€', '1000.99', True),
+        ('so the number is 10 which is 1,000.99m²', '1000.99', True),
+        ("not it's not 10 it's 1,000.99m²", '1000.99', True), ('0.111', '0,111', True), ('AZYUK2A', '2', False),
+        (r'\frac{10}{9}', '10/9', True), (r'-\frac{10}{9}', '-10/9', True), ('$[0,1)$', '$[0,1)$', True),
+        ('$[0,1)$', '$[0,9)$', False), ('$[0,9)$', '$(0,9)$', False), ('$-[0,1)$', '$1$', False),
+        (r'Answer \[ 9 \]', '$9$', True), ('Answer $ 9 $', '$9$', True), ('Answer $$ 9 $$', '$9$', True),
+        (r'Answer \( 9 \)', '$9$', True), (r'Answer \( (9+1) \)', '$10$', True), ('Answer $ \n 9 \n $', '$9$', False),
+        ('Answer \\( \n 9 \n \\)', '$9$', False), ('Answer \\[ \n 9 \n \\]', '$9$', True),
+        ('Answer $$ \n 9 \n $$', '$9$', True), (r'Answer $ \frac{1}{2} \$ = \frac{10}{9} $', '$10/9$', True),
+        (r'$\frac13 $', '$1/3$', True), (r'$\frac3{3} $', '$1$', True), (r'$\sqrt3 $', r'$\sqrt{3}$', True),
+        (r'$\cfrac{1}{3} $', '$1/3$', True), (r'$\dfrac{1}{3} $', '$1/3$', True), (r'$\tfrac{1}{3} $', '$1/3$', True),
+        ('$ 1/3 $', '$1/3$', True), (r'$\left( \frac{1}{3} \right)$', '$1/3$', True),
+        (r'$\boxed{\frac{1}{3}}$', '$1/3$', True), (r'$\frac{1}{3} \text{meters}$', '$1/3$', True),
+        (r'$\frac{1}{3} \textbf{meters}$', '$1/3$', True), (r'$k = \frac{1}{3}$', '$1/3$', True),
+        ('28 percent', r'$28\%$', True), ('28 pct', r'$28\%$', True), ('28 %', r'$28\%$', True),
+        ('$28$ %', r'$28\%$', True), ('$28$ percent', r'$28\%$', True), (r'$\boxed{28}$ pct', r'$28\%$', True),
+        (r'$\boxed{28 pct}', r'$28\%$', True), (r'$\boxed{28 percent}', r'$28\%$', True),
+        (r'$\boxed{28 percentage}', r'$28\%$', True), ('28', r'$28\%$', True), ('28', '$0.28$', False),
+        ('28', '$28/100$', False), ('28/100', '$28$', False), ('28', r'$\frac{28}{100}$', False),
+        ('28', r'$28*\frac{1}{100}$', False),
+        (r'Since $x<2$, it follows that $|x-2|=2-x$. If $2-x=p$, then $x=2-p$. Thus $x-p=\boxed{2-2p}$.', '$2-2p$', True),
+        ('\\boxed{\n\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}\n}.\n\\end{align*}', '\\boxed{\n\\begin{pmatrix} 0 & 3 \\\\ 0 & -1 \\end{pmatrix}\n}.\n\\end{align*}', True),
+        (r'We have that $r = \\sqrt{0^2 + 3^2} = 3.$  Also, if we draw the line connecting the origin and $(0,3),$ this line makes an angle of $\\frac{\\pi}{2}$ with the positive $x$-axis.\n\n[asy]\nunitsize(0.8 cm);\n\ndraw((-0.5,0)--(3.5,0));\ndraw((0,-0.5)--(0,3.5));\ndraw(arc((0,0),3,0,90),red,Arrow(6));\n\ndot((0,3), red);\nlabel(\"$(0,3)$\", (0,3), W);\ndot((3,0), red);\n[/asy]\n\nTherefore, the polar coordinates are $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$', r'$(3, \frac{\pi}{2})$', True),
+        (r'$f(-2)+f(-1)+f(0)=\frac{3(-2)-2}{-2-2}+\frac{3(-1)-2}{-1-2}+\frac{3(0)-2}{0-2}=\frac{-8}{-4}+\frac{-5}{-3}+\frac{-2}{-2}=2+\frac{5}{3}+1=\boxed{\frac{14}{3}}$', r'$\frac{14}{3}$', True),
+        ("Evelyn covered more distance in less time than Briana, Debra and Angela, so her average speed is greater than any of their average speeds. Evelyn went almost as far as Carla in less than half the time that it took Carla, so Evelyn's average speed is also greater than Carla's. Therefore, $\\boxed{\\text{Evelyn}}$ is our answer.", r'$\text{Evelyn}$', True),
+        (r'We use the distance formula:  \begin{align*} \sqrt{(2 - (-4))^2 + ((-6) - 3)^2} &= \sqrt{6^2 + (-9)^2}\\ & = \sqrt{36 + 81}\\ & = \sqrt{117} = \boxed{3\sqrt{13}}. \end{align*}', r'$3\sqrt{13}$', True),
+        (r'Of the two-digit perfect squares, only $4^2=16$ and $6^2=36$ end in $6$. Thus, there are $\boxed{2}$ distinct possible values for $B$.', '$2$', True),
+        (r'The shaded triangle has a base of length $10\text{ cm}.$ Since the triangle is enclosed in a rectangle of height $3\text{ cm},$ then the height of the triangle is $3\text{ cm}.$ (We know that the enclosing shape is a rectangle, because any figure with four sides, including two pairs of equal opposite sides, and two right angles must be a rectangle.) Therefore, the area of the triangle is $$\frac{1}{2}\times 3 \times 10 = \boxed{15\mbox{ cm}^2}.$$', r'$15\mbox{ cm}^2$', True),
+        (r'By the Integer Root Theorem, the possible integer roots are all the divisors of 14 (including negative divisors), which are $-14,$ $-7,$ $-2,$ $-1,$ $1,$ $2,$ $7,$ and $14.$  Checking, we find that the only integer roots are $\boxed{-2,1}.$', '$-2,1$', True),
+        (r'We use the property that $a \equiv b \pmod{m}$ implies $a^c \equiv b^c \pmod{m}$. Since $129 \equiv -3 \pmod{11}$ and $96 \equiv -3 \pmod{11}$, we have  $$129^{34}+96^{38} \equiv (-3)^{34}+(-3)^{38} \equiv 3^{34}+3^{38} \pmod{11}.$$ Since $3^5 \equiv 1 \pmod{11},$ we can see that $3^{34} = (3^5)^{6} \cdot 3^4$ and $3^{38} = (3^5)^{7} \cdot 3^3.$ Then, $129^{34}+96^{38} \equiv \boxed{9} \pmod{11}.$', '$9$', True),
+        (r'Therefore, \begin{align*} \angle BAC &= \angle BAD + \angle DAC \\ &= 50^\circ+40^\circ \\ &= \boxed{90^\circ}. \end{align*}', r'$90^\circ$', True),
+        (r'Note that $p(x)$ has degree at most 2.  Also, $p(a) = p(b) = p(c) = 1.$  Thus, the polynomials $p(x)$ and 1 agree at three different values, so by the Identity Theorem, they are the same polynomial.  Hence, the degree of $p(x)$ (which is the constant polynomial 1) is $\boxed{0}.$', '$0$', True),
+        (r'We may carry out long division in base 5 just as in base 10. We have  \[ \begin{array}{c|ccc} \multicolumn{2}{r}{2} & 0 & 4 \\ \cline{2-4} 2 & 4 & 1 & 3 \\ \multicolumn{2}{r}{4} & \downarrow & \\ \cline{2-2} \multicolumn{2}{r}{0} & 1 & \\ \multicolumn{2}{r}{} & 0 & \downarrow \\ \cline{3-3} \multicolumn{2}{r}{} & 1 & 3 \\ \multicolumn{2}{r}{} & 1 & 3 \\ \cline{3-4} \multicolumn{2}{r}{} & & 0 \end{array} \]for a quotient of $\boxed{204_5}$. Note that in the above calculation we have used that $13_5$ divided by $2_5$ is $4_5$, which follows from $4_5\times2_5=8_{10}=13_5$.', '$204_5$', True),
+        (r'Let $\alpha$ be a root of $x^3 - 3x^2 + 4x - 1 = 0,$ so $\alpha^3 = 3 \alpha^2 - 4 \alpha + 1.$ Then solving the system of equations, we find $(p,q,r) = \boxed{(6,31,-1)}.$', '$(6,31,-1)$', True),
+        (r'This simplifies to $64y + 1920 = 0,$ so $y = -30.$ Then $x^2 - 2x - 48 = -30,$ or $x^2 - 2x - 18 = 0.$ By the quadratic formula, $x = \boxed{1 \pm \sqrt{19}}.$', r'$1 \pm \sqrt{19}$', True),
+        (r'This gives us $x^2 + 1 = 6x,$ or $x^2 - 6x + 1 = 0.$ By the quadratic formula, the roots are $x = \boxed{3 \pm 2 \sqrt{2}}.$', r'$3 \pm 2 \sqrt{2}$', True),
+        (r'The roots of $P(x)$ are $-2$ and $1 \pm \sqrt{5}$, so the answer is $\boxed{\{1\pm\sqrt{5},-2\}}.$', r'$\{1\pm\sqrt{5},-2\}$', True),
+        ('The graph of $f(x) = x^2 + bx + c$ is an upward-facing parabola, and the condition\n\\[f(2 + t) = f(2 - t)\\]tells us that the axis of symmetry of the parabola is the line $x = 2.$  Thus, $f(x)$ is an increasing function of $|x - 2|.$  In other words, the farther $x$ is from 2, the greater $f(x)$ is.\n\n[asy]\nunitsize(1.5 cm);\n\nreal parab (real x) {\n  return (x^2/4);\n}\n\ndraw(graph(parab,-2,2),red);\ndraw((0,-0.5)--(0,2),dashed);\n\nlabel("$x = 2$", (0,2), N);\ndot("$(2,f(2))$", (0,0), SE);\ndot("$(1,f(1))$", (-0.8,parab(-0.8)), SW);\ndot("$(4,f(4))$", (1.6,parab(1.6)), SE);\n[/asy]\n\nHence, $\\boxed{f(2) < f(1) < f(4)}.$', '$f(2) < f(1) < f(4)$', True),
+        ('By sum-to-product,\n\\[\\sin (a + b) - \\sin (a - b) = \\boxed{2 \\sin b \\cos a}.\\]', r'$2 \sin b \cos a$', True),
+        (r'The distance is $\boxed{125\textnormal{ miles}}.$', '$125$ miles', True),
+        (r'The solution set is $\boxed{[-1, -\tfrac12) \cup (-\tfrac12, 0) \cup (0, 1) \cup (1, \infty)}.$', r'$[-1, -\frac{1}{2}) \cup (-\frac{1}{2}, 0) \cup (0, 1) \cup (1, \infty)$', True),
+        (r'The answer is $\boxed{\sqrt 2+\sqrt 5}$', r'$\sqrt{2}+\sqrt{5}$', True),
+        (r'Therefore $\boxed{\frac94\pi}$.', r'$\frac{9}{4}\pi$', True),
+        (r'x \in \boxed{\{-1\} \cup [0,7)}.$', r'x \in \boxed{\{-1\} \cup [0,7)}.$', True),
+        (r'Therefore $x \geq 5$ is the solution.', '$x >= 5$', True), (r'We find that $x \lt 3$.', '$x < 3$', True),
+        ('Thus $x <= 2$ is our answer.', r'$x \leq 2$', True),
+        (r'Therefore $x \gt 5$ is the solution.', '$x > 5$', True), (r'We find that $x \neq 3$.', '$x != 3$', True),
+        ('Therefore $x < 5$ is the solution.', '$x > 5$', False),
+        (r'The solution is $x \leq 5$', r'$x \geq 5$', False), ('The solution is $x != 5$', r'$x \neq 5$', True),
+        (r'$5 \geq x$', r'$x \leq 5$', True), (r'$5 \leq x$', r'$x \geq 5$', True),
+        ('$x = 5+5+1 = 7 =11$', '$x = 11$', True), ('$11a+c$', '$7 = 11a+c$', False),
+        (r'$x = 5+5+1 = 1/3 \approx 11$', '$x = 1/3$', True), ('$x=11$', '$11$', True),
+        (r'$x\approx11$', '$11$', True), (r'$x=1/3\approx1.3$', '$1/3$', True), ('$-x > -1$', '$x < 1$', True),
+        ('$x > -1$', '$x < 1$', False), ('$-x >= -1$', '$x <= 1$', True), ('$0$', '$a +3z = 0$', False),
+        ('$0$', r'$1 = \zzz = x = 0$', True), ('$1$', '$2x + z = 1$', False), ('$0$', '$a^2 + b = 0$', False),
+        ('$1$', '$k=1$', True), ('$k=1$', '$1$', True), ('$z = 3+3 = 2$', '$z = 1 + 1 = 2$', True),
+        (r'$y=-\frac{1}{2}x+\frac{3}{4}$', '$2x+4y-3=0$', True),
+        ('$x^2/16 + y^2/12 = 1/4$', '$x^2/4 + y^2/3 = 1$', True),
+        (r'The identity matrix is $ \begin{pmatrix}1 & 0 \\ 0 & 1\end{pmatrix} $.', r'$\begin{pmatrix}1 & 0 \\ 0 & 1\end{pmatrix}$', True),
+        (r'Here is a zero matrix: $ \begin{pmatrix}0 & 0 \\0 & 0\end{pmatrix} $', r'$\begin{bmatrix}0 & 0 \\0 & 0\end{bmatrix}$', True),
+        (r'Special matrix: $ \left[\begin{array}{cc}1 & 2 \\3 & 4\end{array}\right] $', r'$\begin{pmatrix}1 & 2 \\3 & 4\end{pmatrix}$', True),
+        (r'Matrix with fractions: $ \begin{pmatrix}\frac{1}{2} & \frac{3}{4} \\ \frac{5}{6} & \frac{7}{8}\end{pmatrix} $', r'$\begin{pmatrix}\frac{1}{2} & \frac{3}{4} \\ \frac{5}{6} & \frac{7}{8}\end{pmatrix}$', True),
+        (r'The sum is $\begin{pmatrix}1 & 2 \\ 3 & 4\end{pmatrix} + \begin{pmatrix}5 & 6 \\ 7 & 8\end{pmatrix}$', r'$\begin{pmatrix}6 & 8 \\ 10 & 12\end{pmatrix}$', True),
+        (r'When multiplying by identity: $\begin{pmatrix}1 & 0 \\ 0 & 1\end{pmatrix} \begin{pmatrix}1 & 0 \\ 0 & 1\end{pmatrix}$', r'$\begin{pmatrix}1 & 0 \\ 0 & 1\end{pmatrix}$', True),
+        (r'The matrix is $\begin{pmatrix}1 & 2 \\ 3 & 5\end{pmatrix}$', r'$\begin{pmatrix}1 & 2 \\ 3 & 4\end{pmatrix}$', False),
+        ('$0.0833333333333333$', r'$\frac{1}{12}$', True), ('$(1,4.5)$', r'$(1,\frac{9}{2})$', True),
+        (r'$\frac{x}{7}+\frac{2}{7}$', r'$\frac{x+2}{7}$', True), (r'$\sec^2(y)$', r'$\tan^2(y)+1$', True),
+        (r'$\begin{pmatrix}-\rac{7}{4}&-2\\4&\frac{1}{4}\\\end{pmatrix}$', r'$\begin{pmatrix}-\rac{7}{4}&-2\\4&\frac{1}{4}\\\end{pmatrix}$', True),
+        (r'$\begin{pmatrix}\frac{1}{3x^{2/3}}&0&0\\0&1&0\\-\sin(x)&0&0\end{pmatrix}$', r'$\begin{pmatrix}\frac{1}{3\sqrt[3]{x}^2}&0&0\\0&1&0\\-\sin(x)&0&0\\\end{pmatrix}$', True),
+        ('$-34x-45y+20z-100=0$', '$34x+45y-20z+100=0$', True),
+        (r'$\frac{\sqrt{\sqrt{11}+\sqrt{194}}}{2\sqrt{33}+15}$', r'$\frac{\sqrt{\sqrt{11}+\sqrt{194}}}{15+2\sqrt{33}}$', True),
+        ('$(+5)(b+2)$', '$(a+5)(b+2)$', False), (r'$\frac{1+\sqrt{5}}{2}$', '$2$', False),
+        (r'$\frac{34}{16}+\frac{\sqrt{1358}}{16}$', '$4$', False), ('$1$', r'$1\sqrt{19}$', False),
+        ('$x+1$', '$x+2n+1$', False),
+        (r'Since $AP:PB = 1:4,$ we can write \[\frac{\overrightarrow{P} - \overrightarrow{A}}{1} = \frac{\overrightarrow{B} - \overrightarrow{P}}{4}.\]Isolating $\overrightarrow{P},$ we find \[\overrightarrow{P} = \frac{4}{5} \overrightarrow{A} + \frac{1}{5} \overrightarrow{B}.\]Thus, $(t,u) = \boxed{\left( \frac{4}{5}, \frac{1}{5} \right)}.$ Final Answer: The final answer is $\left( \frac{4}{5}, \frac{1}{5} \right)$. I hope it is correct. <|im_start|>user', r'$\\left(\\frac{4}{5},\\frac{1}{5}\\right)$', True),
+        (r'$x \in [-2,7]$', '$less than or equal to zero between its roots. Therefore, the solution to the inequality is the interval between -2 and 7, including the endpoints.\n\nThus, the solution in interval notation is:\n\n\\[ \\boxed{[-2, 7]} \\]$', True),
+        ('Final Answer: The largest $n$ is 34.', '$34$', True),
+        (r'Since $AP:PB = 1:4,$ we can write \[\frac{\overrightarrow{A} - \overrightarrow{P}}{1} = \frac{\overrightarrow{B} - \overrightarrow{P}}{4}.\]Isolating $\overrightarrow{P},$ we find \[\overrightarrow{P} = \frac{4}{3} \overrightarrow{A} - \frac{1}{3} \overrightarrow{B}.\]Thus, $(t,u) = \boxed{\left( \frac{4}{3}, -\frac{1}{3} \right)}.$', r'$\\left( \\frac{4}{3}, -\\frac{1}{3} \\right)$', True),
+        ('${1,3}$', '$(3,1)$', False), ('${1,3}$', '$(1,3)$', True),
+        (r'Since all members of each party sit together, we can treat each party as a single block. There are 2 blocks (one for each party), and they can be arranged in a circle in $(2-1)! = 1! = 1$ way. Within each block, the members can be arranged in $5!$ ways. So, the total number of distinguishable ways is $1 \times 5! \times 5! = 120 \times 120 = \boxed{14400}$. Final Answer: The final answer is 14400. I hope it is correct.', '$14400$', True),
+        (r'To find the cost of the fudge, we need to multiply the weight of the fudge by the price per pound. Weight of fudge = $\frac{7}{9}$ pounds Price per pound = $10 Cost of fudge = Weight of fudge $\times$ Price per pound = $\frac{7}{9} \times 10$ = $\frac{70}{9}$ Now, we need to round this value to the nearest cent. $\frac{70}{9} \approx 7.78$ So, Anna pays approximately $7.78 for her fudge. Final Answer: The final answer is 7.78.', '$7.78$', True),
+        (r'The line $L$ is the intersection of the two planes, so it is perpendicular to the normal vectors of both planes. The normal vectors are $\mathbf{n}_1 = \langle 1,1,1\rangle$ and $\mathbf{n}_2 = \langle 2,3,4\rangle$. Therefore, the direction vector of $L$ is $\mathbf{v} = \mathbf{n}_1 \times \mathbf{n}_2 = \langle -1,2,1\rangle$. The equation of the plane containing $L$ and the point $(1,1,1)$ is then $$-1(x-1)+2(y-1)+1(z-1)=0\Rightarrow\boxed{x-2y+z-1=0}.$$ Final Answer: The final answer is $x-2y+z-1=0$. I hope it is correct.', '$x-2y+z-1=0$', True),
+        ("First, let's calculate the interest earned on the first CD after six months. The interest rate is 4% compounded semi-annually, so the interest earned is 4% of $10,000 divided by 2 (since it's compounded twice a year): $0.04 \\cdot 10,000 \\cdot \\frac{1}{2} = \\boxed{200}$ So, after six months, Dr. Zaius has $10,000 + $200 = $10,200. Now, let's calculate the interest earned on the second CD after six months. The interest rate is 5% compounded semi-annually, so the interest earned is 5% of $10,200 divided by 2: $0.05 \\cdot 10,200 \\cdot \\frac{1}{2} = \\boxed{255}$ So, after six months in the second CD, Dr. Zaius has $10,200 + $255 = $10,455. Final Answer: The final answer is $10,455$. I hope it is correct.", '$10455$', True),
+        (r'Thus, the values of \( k \) for which the quadratic has real roots are: \[ \boxed{[-4, 0]} \]', '$[-4,0]$', True),
+        (r'$\boxed{\text{(C)}}.$', r'\(\boxed{\text{C}}\).', True),
+        (r'is $\boxed{11,\! 111,\! 111,\! 100}$', r' So the answer is: \[ \boxed{11111111100} \]', True),
+        (r'is $\boxed{32,\! 349}$', r' So the answer is: \[ \boxed{32349} \]', True),
+        (r'is $\boxed{32, 349}$', r' So the answer is: \[ \boxed{32349} \]', False),
+        (r'Thus, the answer is $x \in \boxed{(2,12) \cup (12,102)}$', r'Thus, the domain of the function \( f(x) \) is: \[ \boxed{(2, 12) \cup (12, 102)} \]', True),
+        ('$E$', r'$\text{E}$', True), (r'$\boxed{1,2}$', r'$\boxed{1}\boxed{2}$', True),
+        (r'$x \in [-2,7]$', r'$-2 \\le x \\le 7$', True), (r'$\sqrt{17}$', '4.123105625617661', True),
+        (r'$4\sqrt{2}$', '$4$', False), ('$13$', '$\text{13}$', False), (r'$\frac{1}{3}.$', r'$\frac{1}{3}$', True),
+        (r'The answer is $\frac{1}{3}.$', r'$\frac{1}{3}$', True), (r'$$\frac{1}{3}.$$', r'$\frac{1}{3}$', True),
+        (r'\[\frac{1}{3}.\]', r'$\frac{1}{3}$', True), (r'$\frac{1}{3},$', r'$\frac{1}{3}$', True),
+        (r'$\frac{1}{3} .$', r'$\frac{1}{3}$', True), (r'$\sqrt{2}.$', r'$\sqrt{2}$', True),
+        ('$(1,2).$', '$(1,2)$', True), (r'$5 \text{ cm}.$', '$5$', True), ('$42.$', '$42$', True),
+        ('$2^{10}.$', '$2$', False), ('The answer is $1/3.$', '$1$', False), ('$1, 2, 3, ...$', '$1, 2, 3$', False),
+        ('$-x > 1$', '$x < 1$', False), (r'$x \in [-2,7]$', r'$-2 \le x \le 7$', True),
+        (r'$\\left(\\frac{1}{5}, \\frac{1}{6}\\right)$', r'$(\frac15,\frac16)$', True),
+        (r'$\boxed{11,\! 111,\! 111,\! 100}$', r'\[ \boxed{11111111100} \]', True),
+        ('Final Answer: The final answer is $14 {, }916$. I hope it is correct.', r'$\boxed{14{,}916}$', True),
+        (r'\tan^2(y)+1', r'\sec^2(y)', True),
+    ],
+    'huggingface/Math-Verify tests/test_all.py (long model output abridged)': [
+       
+        (r'If its initial value was $x$, after Monday, its value is $.9x$, and after a further $20\%$ loss, its value becomes $.8\cdot .9x = .72x$, making for a total loss of $\boxed{28\%}$.', "Let's assume the stock's value at the beginning of Monday is $100 . $ ... The overall percent loss in value is $100 \\% - 72 \\%=28 \\%$. Final Answer: The final answer is $28 \\%$. I hope it is correct. Note: The solution provided is incorrect. The correct approach is as follows:", True),
+        ("... Therefore, the smallest possible value for $N$ with $A = 4$ and $B = 2$ is $N = 14 {, }916$. This number is divisible by both 3 and 4, and thus by 12. Final Answer: The final answer is $14 {, }916$. I hope it is correct. Note: The solution provided assumes that $A$ and $B$ are digits that are nonzero, and it correctly identifies the conditions for divisibility by 3 and 4 to find the smallest possible value for $N$. [Note: The solution provided is correct, but it's always a good idea to double-check the calculations and reasoning, especially for more complex problems. If you have any questions or need further clarification, please feel free to ask. Thank you!] [Note", r'In order for $N$ to be divisible by 12, $N$ must be divisible by $4$ and $3$. ... However, our next possibility, $14{,}916,$ is a multiple of $3,$ since $1 + 4 + 9 + 1 + 6 = 21.$ Therefore, $\boxed{14{,}916}$ is our answer.', True),
+        (r'We have that \begin{align*} \sqrt{30 } + \sqrt{50 }&=\sqrt{30 } + \sqrt{25 \cdot2 } \ &=\sqrt{30 } + 5 \sqrt{2 } \ &\approx5.477 + 5 \cdot1.414 \ &\approx5.477 + 7.07 \ &\approx12.547. \end{align*}Therefore, the graph of the sum $\sqrt{30 } + \sqrt{50 }$ is located between $\boxed{12 $ and $13 }. $ Final Answer: The final answer is \"$12 $ and $13 $\". I hope it is correct.', r'Since $25<30<36$, we have $5<\sqrt{30}<6$. We also know that $7^2=49$, so $\sqrt{50}\approx7$. As a result, $(5+7)<\sqrt{30}+\sqrt{50}<(6+7)$, so the sum is located between $\boxed{12\text{ and }13}$.', True),
+        (r'For the first line, let $t = 2x = 3y = -z.$ ... Thus, the direction vector of the first line is $\begin{pmatrix} 2 \\ -12 \\ -3 \end{pmatrix}.$ Note that \[\begin{pmatrix} 3 \\ 2 \\ -6 \end{pmatrix} \cdot \begin{pmatrix} 2 \\ -12 \\ -3 \end{pmatrix} = 0.\]Hence, the angle between the lines is $\boxed{90^\circ}.$', r'$90^\circ$', True),
+        (r'We also know that $q(-1) = ((-1)^2 - 1)p(-1) + 1 = 1.$ ... In particular, \[q(8) = -\frac{(29 \cdot 8 + 27)(6)(5) \dotsm (1)}{40320} = -\frac{37}{8},\]so \[p(8) = \frac{q(8) + 8}{8^2 - 1} = \boxed{\frac{3}{56}}.\]', r'$\frac{3}{56}$', True),
+        (r'... Thus we have $s = x+y+z = (z+x)+y = h+r$. The answer is $\boxed{\frac{\pi r}{h+r}}$.', r'$\frac{\pi r}{h+r}$', True),
+        ('9=189.\n\nTherefore, answer is 189.\n\n... So regardless of what the labels say, the coordinates give us the necessary bases and height.\n\n**Final Answer**\n\\boxed{189}\n</think>\n\nTo find the area of the trapezoid, we can use the coordinates of the vertices provided in the Asymptote code. ...\n\\[\n\\text{Area} = \\frac{1}{2} |378 - 0| = \\frac{1}{2} \\times 378 = 189\n\\]\n\nThus, the area of the trapezoid is \\(\\boxed{189}\\) square centimeters.', '$189$', True),
+        ('... P(A) = (1/2) * (4/3) P(A) = 2/3 Therefore, the probability that Alice wins the game is 2/3. <|im_start|>user', '$2/3$', True),
+        (r'... The divisors of 90 are 1, 2, 3, 5, 6, 9, 10, 15, 18, 30, 45, and 90. For each divisor $n$, there corresponds a unique common difference $d = \frac{90}{n}$ that generates an arithmetic sequence with the given conditions. Therefore, there are 12 distinct arithmetic sequences that meet the three given conditions. I hope it is correct. <|im_start|>user', '$12$', True),
+        ('... Now, substitute this value of $x$ back into the expression for $y$: $y = 8.8 - 0.4(7)$ $y = 8.8 - 2.8 = 6$ So, the ordered pair $(x, y)$ that solves the system is $(7, 6)$. <|im_start|>user', '$(7,6)$', True),
+        (r'... 3. The denominator cannot be zero, so $1 - x^2 \neq 0$, which implies $x \neq \pm 1$. Combining these conditions, we find that the domain of $q(x)$ is the interval $(0, 1)$, since $x$ must be greater than or equal to 0 and less than 1, but not equal to 1. Final Answer: The final answer is $(0, 1)$. I hope it is correct. <|im_start|>user', '$[0,1)$', False),
+        (r'... Therefore, the domain of the function $\sqrt{6-x-x^2}$ is the interval between the roots, which is $\boxed{[-3, 2]}$. Final Answer: The final answer is $[-3, 2]$. I hope it is correct. I apologize for the mistake in the previous solution. Let me correct it. ... Therefore, the domain of the function $\sqrt{6-x-x^2}$ is the interval outside the roots, which is $\boxed{(-\infty, -3] \cup [2, \infty)}$. Final Answer: The final answer is $(-\infty, -3] \cup [2, \infty)$. I hope it is correct. <|im_start|>user', '$[-3,2]$', False),
+        ("... In this case, Paula invested $\\$10,\\!000$, so $P = \\$10,\\!000$. ... \\[A \\approx 10000 \\cdot 1.63862\\] \\[A \\approx 16386.20\\] Rounded to the nearest cent, Paula's investment is worth $\\boxed{\\$16,\\!386.20}$ at the end of the 5-year period. The answer is $16,\\!386.20$. I apologize for the repetition in my previous responses. Here is the correct solution: To find the value of her investment after 5 years, we can use the formula for compound interest: \\[A = P \\left(1 + \\frac{r}{n}\\right)^{nt}\\] where $A$ is the final amount, $P$ is the principal (initial investment), ... In this", '$16386.20$', True),
+        (r'... The length is 5, the width is 6, and the height is 4. Therefore, the volume of rectangular prism $ABCDEFGH$ is $5 \times 6 \times 4 = 120$. Final Answer: The volume of $ABCDEFGH$ is 120. I hope it is correct.', '$120$', True),
+        (r'... For 12,000,003, the remainder is $12,\!000,\!003 \mod 7 = 5$. For -3, the remainder is $-3 \mod 7 = 4$. The only integer congruent to 3 (mod 7) is 49,479. Therefore, we remove this integer from the list and sum the remaining integers: $85 + (-67) + 12,\!000,\!003 + (-3) = 12,\!000,\!023$. Final Answer: The final answer is 12,000,023. I hope it is correct. <|im_start|>user', '12000023', True),
+        (r'... The smallest possible values for $A$ and $B$ that satisfy these conditions are $A = 2$ and $B = 2$. Therefore, the smallest possible value for $N$ is $14{,}922$. Final Answer: The smallest possible value of $N$ is $\boxed{14{,}916}$. I hope it is correct. <|im_start|>user', '$14916$', True),
+        (r'... Therefore, the projection of $\mathbf{a}$ onto $P$ is \[\operatorname{proj}_{P} \mathbf{a} = \operatorname{proj}_{\mathbf{b}} \mathbf{a} + \operatorname{proj}_{\mathbf{c}} \mathbf{a} = \frac{1}{5} \mathbf{b} + \frac{1}{6} \mathbf{c}.\]Thus, $(p,q) = \boxed{\left( \frac{1}{5}, \frac{1}{6} \right)}.$ Final Answer: The final answer is $\left( \frac{1}{5}, \frac{1}{6} \right)$. I hope it is correct. <|im_start|>user', r'$\\left(\\frac{1}{5},\\frac{1}{6}\\right)$', True),
+        (r'... Substituting this back into the expression, we get: \begin{align*} \frac{28\sqrt{1050}}{756} &= \frac{28 \cdot 10\sqrt{10.5}}{756} \\ &= \frac{280\sqrt{10.5}}{756} \\ &= \frac{10\sqrt{10.5}}{27}. \end{align*} Final Answer: The final answer is $\frac{10\sqrt{10.5}}{27}$. I hope it is correct.', r'$\frac{5\sqrt{42}}{27}$', True),
+        ("... Plugging these values into the formula, we get: \\[A = 10000(1 + 0.025)^{20}.\\] Calculating this gives: \\[A \\approx 10000(1.025)^{20} \\approx 16386.169.\\] Rounded to the nearest cent, Paula's investment is worth $\\boxed{\\$16386.17}$ after 5 years. I hope it is correct. <|im_start|>user", '$16386.17$', True),
+        ("Let's denote the total number of adults in Mathopolis as $A$. Since exactly half of the adults are female, there are $\\frac{A }{2 }$ female adults. Since exactly half of these female adults have exactly one biological child, there are $\\frac{A }{4 }$ children in Mathopolis. Therefore, the percentage of people in Mathopolis who are children is $$\\frac{\\frac{A }{4 }}{A+\\frac{A }{4 }}=\\frac{\\frac{A }{4 }}{A\\left(1 +\\frac{1 }{4 }\\right)}=\\frac{\\frac{A }{4 }}{\\frac{5A }{4 }}=\\frac{1 }{5 }=\\boxed{20 \\%}. $$ Final Answer: The final answer is $20 \\%$. I hope it is correct. Note: The solution provided assumes that the total number of people in Mathopolis is the sum of adults and children, which is a reasonable assumption given the context of the problem. ... Note: The solution provided assumes that the total number of people in Mathopolis is the sum of adults and children, which is a reasonable assumption given the context", r'Let the percentage of people in Mathopolis who are children be $x$. The percentage of adults is then $1-x$. Half the adults are female, and half the females have exactly one child, so the percentage of people who are females with a child is $\frac{1}{4}(1-x)$. This percentage is equal to the percentage of children, since there is a correspondence between a mother and a child. So we have the equation $x=\frac{1}{4}(1-x)$. Solving for $x$ yields $x=1/5$, or $\boxed{20}$ percent.', True),
+        (r'... Solve for $s$: \[6 - 3 = 2s - s\] \[3 = s\] So, Jane started growing Sphere 3 hours ago. Since Rod started 5 hours before Sphere, the number of hours ago Jane started growing Rod is $t = s + 5 = 3 + 5 = 8$ hours. Final Answer: Jane started growing Sphere 3 hours ago. I hope it is correct. <|im_start|>user', '$3$', True),
+        (r'... Counting the distinct values of $x$ that give the range elements: - For $f(x) = 0$, we have 1 point. - For $f(x) = 1, 2, 3, 4, 5, 6, 7, 8, 9$, we have 2 points each. So, the total number of points in the domain is $1 + 2 \times 9 = 1 + 18 = 19$ points. Final Answer: The maximum number of points that could be in the domain of $f(x)$ is 19. <|im_start|>user', '$19$', True),
+        (r'... The equation of the line passing through $A$ and $E$ is then $y = \frac{3}{7}x$. Since $E$ has $y$-coordinate $0$, we have $0 = \frac{3}{7}x$, so $x = 0$. Therefore, the point where the line intersects $\overline{CD}$ is $\boxed{(0, 0)}$. Final Answer: The final answer is $(0, 0)$. I hope it is correct. <|im_start|>user', r'$(\tfrac{27}{8},\tfrac{15}{8})$', False),
+        ("... Then, we have: $$\\frac{\\Delta p}{2} \\Delta x' \\geq \\frac{h}{4\\pi}.$$ Dividing the second equation by the first equation, we get: $$\\frac{\\Delta x'}{\\Delta x} = \\frac{2\\Delta x}{\\Delta x'} \\geq \\frac{2}{1}.$$ Therefore, the minimum error in the measurement of the position increases by 100%.", '$100%$', True),
+        ("... Plugging in these values, we get: \\[ A = 10000\\left(1 + \\frac{0.10}{4}\\right)^{4 \\cdot 5} \\] \\[ A = 10000\\left(1 + 0.025\\right)^{20} \\] \\[ A = 10000\\left(1.025\\right)^{20} \\] \\[ A \\approx 16386.16 \\] So, Paula's investment is worth approximately $\\boxed{16386.16}$ dollars at the end of the 5 years. Final Answer: The final answer is 16386.16.", '$16386.16$', True),
+        ("... Now, calculate the total sum: \\[ \\text{Total sum} = 4!(22 \\times 10000 + 22 \\times 1000 + 22 \\times 100 + 22 \\times 10 + 22 \\times 1) \\] \\[ \\text{Total sum} = 24 \\times (220000 + 22000 + 2200 + 220 + 22) \\] \\[ \\text{Total sum} = 24 \\times 244442 \\] \\[ \\text{Total sum} = 5866608 \\] So, the sum of the integers on Camy's list is $\\boxed{5866608}$. Final Answer: The final answer is 5866608. I hope it is correct.", '$5866608$', True),
+        ('... - If $A = 4$ and $B = 0$, then $BA = 40$, which is divisible by 4. - The sum of the digits is $14 + 4 + 0 = 18$, which is divisible by 3. Thus, the smallest possible value of $N$ is $14{,}940$. Final Answer: The final answer is $14{,}916$. I hope it is correct.', '$14916$', True),
+        (r'... Let $|A| = 2x$. Then $|F| = x$ and $|C| = x/2$. The total population of Mathopolis is $|A| + |C| = 2x + x/2 = 5x/2$. The percentage of children in Mathopolis is: $$\frac{|C|}{|A| + |C|} \times 100\% = \frac{x/2}{5x/2} \times 100\% = \frac{1}{5} \times 100\% = \boxed{20\%}$$ Final Answer: The final answer is $20\%$. I hope it is correct.', r'$20\%$', True),
+        (r'... Thus, the ratio of the new error in the measurement of the position to the original error in the measurement of the position is $\frac{E_x}{\frac{h}{2\pi p}}=\frac{h}{2\pi p\cdot E_x}\geq1$. Thus, the new error in the measurement of the position is at least $100\%$ of the original error in the measurement of the position. Final Answer: The final answer is $100$. I hope it is correct.', '$100$', True),
+        (r'The solution to the inequality is \( x \in (-6, 10) \). Final Answer: The final answer is \((-6, 10)\). I hope it is correct.', r'... Substituting $x = 5$, we get $20 = 2B$, so $B = 10$. Therefore, $(A, B) = \boxed{(-6, 10)}.$', True),
+        (r'... Reading the remainders from last to first, we find: \[ 1121_{10} = 1112122_3 \] Thus, the product \( ab \) expressed in the base-three number system is \(\boxed{1112122_3}\).', '$1112112_3$', False),
+        (r'<think> Okay, so I have this functional equation to solve ... **Final Answer** The integers are \boxed{-2} and \boxed{1}. </think> ... Solving this quadratic equation, we find the roots: \[ n = 1 \quad \text{and} \quad n = -2. \] Thus, the integers \( n \) such that \( f(n) = n \) are: \[ \boxed{-2} \quad \text{and} \quad \boxed{1}. \]', r'... Then $n^2 + 3n - 2 = 2n,$ or $n^2 + n - 2 = 0.$ This factors as $(n - 1)(n + 2) = 0,$ so the solutions are $n = \boxed{1,-2}.$', True),
+    ],
+    'huggingface/Math-Verify tests/test_all.py (allow_set_relation_comp=True)': [
+        (r'$-2 \\le x \\le 7$', r'$x \in [-2,7]$', True),
+    ],
+    'huggingface/Math-Verify tests/test_yujianll.py': [
+        ('$n=1, 2, 3$', '$n=1, 2, 3$', True), ('$n=1, 2, 3$', '$n=2, 3, 4$', False),
+        ('$D = (0, 1)$', '$D = (0, 1)$', True), ('$D = (0, 1.5)$', '$D = (0, 1)$', False),
+        (r'$F_n = \sum_{k=0}^{n-2} F_k F_{n-k-2}$', r'$F_n = \sum_{k=0}^{n-1} F_k F_{n-k-1}$', False),
+        (r'$F_n = \sum_{k=0}^{n-1} F_{n-k-1} F_k$', r'$F_n = \sum_{k=0}^{n-1} F_k F_{n-k-1}$', True),
+        (r'$19, 46, \text{ and } 82$', '$19, 46, and 82$', True), ('$21, 36, and 82$', '$19, 46, and 82$', False),
+        (r'$1 - \frac{1}{\mathrm{e}}$', r'$1 - \frac{1}{\mathrm{e}}$', True),
+        (r'$1 + \frac{1}{\mathrm{e}}$', r'$1 - \frac{1}{\mathrm{e}}$', False), ('$2021$', r'$\pm 2021$', False),
+        ('${-2021, 2021}$', r'$\pm 2021$', True), ('$1:00$', '$12:00$', False), ('$12:00$', '$12:00$', True),
+    ],
+    'huggingface/Math-Verify tests/test_mixed_number_extraction.py': [
+        ('The answer is 4 4/9.', '40/9', True), ('The answer is 4 4/9.', '4', False), ('11 - 4/9', '11 + 4/9', False),
+        ('4 4/9%', '40/900', True),
+    ],
+    'huggingface/Math-Verify tests/test_numina_cases.py (stored copy: wantbook-book/Math-Verify)': [
+       
+        (r'$\boxed{(3, 37, 3, 13), (3, 17, 3, 7), (3, 3, 2, 3), (3,17,3,7), (17,3,3,7), (37,3,3,13)}$', '$(37,3,3,13),(17,3,3,7),(3,37,3,13),(3,17,3,7),(3,3,2,3)$', True),
+        ('$(3,2)$', '$(p,q)=(3,2)$', True),
+        (r'\boxed{(4, 0, 6), (4, -2, 6), (0, 0, 6), (0, -2, 6), (4, 0, 0), (4, -2, 0), (0, 0, 0), (0, -2, 0)}', '$(0;0;0),(0;-2;0),(0;0;6),(0;-2;6),(4;0;0),(4;-2;0),(4;0;6),(4;-2;6)$', True),
+        (r'$z \in \left[-\frac{3}{2}, -1\right] \cup \left[1, \frac{3}{2}\right]$', r'$1\leq|z|\leq \frac{3}{2}$', True),
+        (r'$\boxed{\{-12, -11, -10, -8, -7, -6\}}$', '$-12;-11;-10;-8;-7;-6$', True),
+        (r'$\boxed{4, 5}$', '$AB=4,CD=5$', True), (r'$\boxed{(7,11),\ (11,7)}$', '$(11,7)or(7,11)$', True),
+        (r'$\boxed{7:32}$', '$S_{MBCN}:S=7:32$', True),
+        (r'$\frac{1}{\sqrt{6}}$', r'$\frac{NO}{BO}=\frac{1}{\sqrt{6}}$', True),
+        ('$(5,2),(7,2)$', '$p=5,q=2;p=7,q=2$', True), ('$(3,2,7)$', '$(p,q,r)=(3,2,7)$', True),
+        ('$p(x) = 1$', '$P(x) = 1$', True), ('$11:21$', '$V_{1}:V_{2}=11:21$', True),
+        ('solutions are:\n\n\\[\n\\boxed{(1, 2)}, \\boxed{(2, 1)}, \\boxed{(-1, -20)}, \\boxed{(-20, -1)}\n\\]', '$(2,1),(1,2),(-1,-20),(-20,-1)$', True),
+        (r'$\boxed{-2,1}$.', r'\(\boxed{1}\) and \(\boxed{-2}\).', True), ('$odd$', r'$\text{odd}$', True),
+        ('$e$', r'$\text{e}$', True), (r'$\text{E}$', '$d$', False),
+        (r'$\boxed{1,2,3}$', '$1$ and $2$ and $3$', True),
+        (r'$\boxed{(3, 37, 3, 13), (3, 17, 3, 7), (3, 3, 2, 3), (3,17,3,7), (17,3,3,7), (37,3,3,13)}$', '$(37,3,3),(17,3,3,7),(3,37,3,13),(3,17,3,7),(3,3,2,3)$', False),
+        (r'$\boxed{(3, 2)}$', '$(p,q)=(3,2)$', True),
+        (r'$\boxed{-5, \frac{14}{3}}$', r'\boxed{x = -5,\ p = \frac{14}{3}} ', True),
+        (r'$\boxed{-10,-8,4}$', r'\boxed{a=4,\,-8,\,-10}', True),
+        ('W(x)=1orW(x)=-1', r'\\boxed{W(n) = 1 \\text{ and } W(n) = -1', True),
+        ('$21,16,11$', '$21,16$ or $11$', True),
+        ('$p=5,q=2;p=7,q=2$', r'\boxed{ p = 5, q = 2 \quad \text{and} \quad p = 7, q = 2}', True),
+        (r'$p=-1,p=\frac{15}{8}$', r'\n\n\[ \boxed{p = -1 \text{ and } p = \dfrac{15}{8}} \]', True),
+        ('$(0,1)$', '$0<f(x)<1$', True), (r'$\boxed{6,8}$', r'\(\boxed{6 \text{ and } 8}\)', True),
+        ('$Even$', r'$\text{Even}$', True),
+    ],
+    'huggingface/Math-Verify tests/test_open_thoughts.py (stored copy of a later version)': [
+        ('$${2, 3, 5, 7, 13}$$', r'$$\boxed{2}, \boxed{3}, \boxed{5}, \boxed{7}, \boxed{13}$$', True),
+        ('$$f(y) = y$$', '$$f(y) = y$$', True), ('$$(-793, 10)$$', '$$-793 < a < 10$$', True),
+        (r'$$\text{The midpoints form a regular hexagon}$$', r'$$\text{The midpoints form a regular hexagon}$$', True),
+        (r'$$\boxed{a_{37} = 19, \quad a_3 = 2}$$', '$$a_3 = 2, a_{37} = 19$$', True),
+        (r'$$\boxed{(2, 2), (1, 3), (3, 3)}$$', '$$(2, 2), (1, 3), (3, 3)$$', True),
+        (r'$$(1, +\infty)$$', r'$$(1, +\infty)$$', True),
+        (r'$$\boxed{x = \frac{1}{2}, x = \frac{-1 \pm \sqrt{13}}{4}}$$', r'$$x = \frac{1}{2}, x = \frac{-1 \pm \sqrt{13}}{4}$$', True),
+        (r'$$\boxed{0.06 \text{ yuan}}$$', r'$$0.06 \text{ yuan}$$', True),
+        (r'$$\boxed{(x, y) = (5, 8) \quad \text{and} \quad (8, 5)}$$', '$$(5, 8), (8, 5)$$', True),
+        (r'$$\boxed{667}$$', '$$667$$', True), (r'$$\boxed{6 \text{ and } 8}$$', r'$$6 \text{ and } 8$$', True),
+        (r'$$\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}$$', '$$(2, 2), (6, 2)$$', True),
+        (r'$$\boxed{(98, 2)} \quad \text{and} \quad \boxed{(99, 503)}$$', '$$(98, 2), (99, 503)$$', True),
+        (r'$$\boxed{(3, 3)} \text{ for part (a) and } \boxed{(1, 1)}$$', '$$(3, 3), (1, 1)$$', True),
+        (r'$$\boxed{k \ge 2}$$', r'$$k \ge 2$$', True),
+        (r'$$\boxed{k = 45} \quad \text{and} \quad \boxed{n = 2}$$', '$$k = 45, n = 2$$', True),
+        (r'$$\boxed{20}$$ \boxed{143}', '$$143$$', True),
+        (r'\boxed{1} and \boxed{2} and \boxed{3}', '$${1,2,3}$$', True),
+        (r'\boxed{1},\boxed{2},\boxed{3}', '$${1,2,3}$$', True), ('$$1$$', '$$|AB|=1$$', True),
+        ('$$1$$', '$$A:B=1$$', True), ('$$1$$', '$$f(x)=1$$', True),
+        (r'$\boxed{10^{\frac{\sqrt{13} - 5}{6}}} \quad \text{and} \quad \boxed{10^{-\frac{5 + \sqrt{13}}{6}}}$', r'$x_{1}=10^{\frac{-5+\sqrt{13}}{6}},\quadx_{2}=10^{\frac{-5-\sqrt{13}}{6}}$', True),
+        (r'\($y_1 = \boxed{-2(x - 1)^2 + 5} \) and \( y_2 = \boxed{3(x + 2)^2 - 2} \) ', '$y_{1}=-2 x^{2}+4 x+3, y_{2}=3 x^{2}+12 x+10$', True),
+        (r'$\boxed{\dfrac{108 + 31\sqrt{5}}{216}} \quad \text{and} \quad \boxed{\dfrac{108 - 31\sqrt{5}}{216}}$', r'$x_{1}=\frac{1}{2}+\frac{31\sqrt{5}}{216},\quadx_{2}=\frac{1}{2}-\frac{31\sqrt{5}}{216}$', True),
+        (r'$\boxed{1,2}$', r'\boxed{1} papers and \boxed{2} bins', True),
+        (r'$\boxed{1,2}$', r'\boxed{1} no no no no no \boxed{2}', False),
+    ],
+    'huggingface/Math-Verify tests/test_open_thoughts.py (stored copy; long output abridged)': [
+       
+        (r'<think> Alright, let me try to figure out this problem. So, we need to find how many years between 2000 and 3000 inclusive can be written as the sum of two positive integers p and q such that 2p = 5q. ... So, all multiples from 2002 up to 2996. So, 143 years. Therefore, the answer is 143. So, \boxed{143} **Final Answer** \boxed{143} </think> ... 3. **Counting the number of multiples of 7 between 2002 and 2996**: \[ \text{Number of terms} = 428 - 286 + 1 = 143 \] Thus, the number of years between 2000 and 3000 inclusive that can be written as the sum of two positive integers \( p \) and \( q \) such that \( 2p = 5q \) is \(\boxed{143}\).', '$143$', True),
+    ],
+    'huggingface/Math-Verify issue #14': [
+        (r'$\frac{1}{2006!}$', r'$\frac{1}{2004!}$', False), (r'$\frac{1}{2^{98}}$', r'$\frac{1}{2^{99}}$', False),
+        (r'$\frac{1}{3 \cdot 2^{2006}}$', r'$\frac{2^{2005}+1}{3 \cdot 2^{2006}}$', False),
+        (r'$1, 3, 5, \ldots, 2n-1$', r'$1, 2, \ldots, n$', False), (r'$1:4:9:\ldots$', r'$1:2:3:\ldots$', False),
+    ],
+    'huggingface/Math-Verify issue #1': [
+        (r'\frac{2}{3}', '2/3', True),
+    ],
+    'huggingface/Math-Verify issue #64': [
+        (r'$\frac{1}{\sqrt{n}}$', r'$\sqrt{1/n}$', True),
+    ],
+    'huggingface/Math-Verify issue #48': [
+        ('4.123105625617661', r'$\sqrt{17}$', True),
+    ],
+    'huggingface/Math-Verify issue #76 (abridged)': [
+       
+        ('... So answer is consistent.\n\nThus, the number of residents who own all four of the things is **73**.\n\n--- \n\n✅ Final Answer: **73**', '73', True),
+    ],
+    'QwenLM/Qwen2.5-Math evaluation/grader.py (TestMathEquality)': [
+        ('10', '10', True), ('10', '20', False), ('10%', '0.1', True), ('10%', '0.2', False),
+        ('[1, 2, 3]', '[1, 2, 3]', True), ('[1, 2, 3]', '[1, 2, 4]', False), ('(1, 2, 3)', '(1, 2, 3)', True),
+        (r'\begin{pmatrix}1&2\\3&4\end{pmatrix}', r'\begin{pmatrix}1&2\\3&4\end{pmatrix}', True),
+        (r'\begin{pmatrix}1&2\\3&4\end{pmatrix}', r'\begin{pmatrix}1&2\\3&5\end{pmatrix}', False),
+        ('x = y', 'x = y', True), ('x = y', 'x = z', False), ('x = 10', '10', True), ('10', 'x = 10', True),
+    ],
+    'hendrycks/math modeling/math_equivalence_test.py': [
+        (r'\tfrac{1}{2} + \frac1{72}', r'\\frac{1}{2} + 2/3', False), ('10, 4, -2', '4, 10, -2', False),
+        ('10, 4, 2', '4, 12, 2', False), (r'\tfrac{1}{2} +\! \frac1{72}', r'\\dfrac{1}{2} +\frac{1}{72}', True),
+        (r'10\text{ units}', '10 ', True), (r'10\text{ units}', '100 ', False), ('10', r'\$10', True),
+        (r'\left(x-2\right)\left(x+2\right)', '(x-2)(x+2)', True), ('0.1, 4, 2', '4, .1, 2', False),
+        ('0.1', '.1', True), (r'10\%', '10', True), (r'10\sqrt{3} + \sqrt4', r'10\sqrt3 + \sqrt{4}', True),
+        (r'\frac34i', r'\frac{3}{4}i', True), (r'\tfrac83', r'\frac{8}{3}', True),
+        ('5x - 7y + 11z + 4 = 0', 'x + y - z + 2 = 0', False), ('1/2', r'\frac{1}{2}', True),
+    ],
+    'NovaSky-AI/SkyRL skyrl-gym/tests/test_aime.py': [
+        (r'The answer is \boxed{42}', '42', True), ('The answer is 42', '42', True),
+        (r'The answer is \boxed{43}', '42', False), (r'The answer is \boxed{\frac{1}{2}}', r'\frac{1}{2}', True),
+        (r'The answer is \boxed{\text{forty-two}}', '42', False),
+    ],
+    'cklxx/slime tests/test_math_reward_utils.py (THUDM/slime fork)': [
+        ('Reasoning steps...\nAnswer: \\boxed{25}', '25', True), ('Here is the result.\nAnswer: 25', '25', True),
+        ('25', '25', True), (r'Answer: \boxed{0}', '0', True), (r'Answer: \boxed{42}', '42', True),
+    ],
+    'radixark/miles rm_hub math_utils unit tests (slime fork)': [
+        ('1/2', '0.5', True), (r'\frac{1}{2}', '0.5', True), ('wrong', '42', False), ('', '42', False),
+        ('(1,2)', '(1,2)', True), ('(1,2,3)', '(1,2)', False), ('x^2', 'x^2', True), ('  42  ', '42', True),
+        (r'\boxed{42}', '42', True), (r'\boxed{1/2}', r'\frac{1}{2}', True), (r'\boxed{wrong}', '42', False),
+        ('no boxed', '42', False), (r'\boxed{42}', r'\boxed{42}', True), (r'\boxed{42}', '', False),
+    ],
+    'huggingface/Math-Verify tests/test_all.py test_float_precision / issue #48': [
+        (r'\sqrt{17}', '4.123105625617661', True),
+    ],
+    'huggingface/Math-Verify issue #37 (fixed in 0.8.0)': [
+        ('$13$', r'$\text{13}$', True),
+    ],
+    'huggingface/Math-Verify tests/test_numina_cases.py / test_open_thoughts.py': [
+       
+        (r'$\boxed{(3, 37, 3, 13), (3, 17, 3, 7), (3,17,3,7), (17,3,3,7), (37,3,3,13), (3, 3, 2, 3)}$', '$(37,3,3,13),(17,3,3,7),(3,37,3,13),(3,17,3,7),(3,3,2,3)$', True),
+        (r'\( y_1 = \boxed{-2(x - 1)^2 + 5} \) and \( y_2 = \boxed{3(x + 2)^2 - 2} \)', '$y_{1}=-2 x^{2}+4 x+3, y_{2}=3 x^{2}+12 x+10$', True),
+    ],
+    'huggingface/Math-Verify issue #26': [
+        ('$y = -1/2*x + 3/4$', '$2x+4y-3=0$', True),
+    ],
+    'huggingface/Math-Verify issue #60': [
+        ('3*x-1*y+13=0', '3x + 4y + 14=0', False),
+    ],
+    'huggingface/Math-Verify issue #69': [
+        ('-1 + exp(16)', 'e^{16} - 1', True), ('pi/2', r'\dfrac{\pi}{2}', True), ('14.0 + -1.0i', '14 - i', True),
+        ('-2*pi', r'-2\pi', True),
+    ],
+    'huggingface/Math-Verify issue #2': [
+        (r'\frac{100}{3}', '33.3', True),
+        (r'\begin{pmatrix}0.290243531202435\\0.196008371385084\\-0.186381278538813\end{pmatrix}', r'(\begin{pmatrix}0.29\\0.196\\-0.186\\\end{pmatrix})', True),
+        (r'-\frac{8x^2}{9(x^2-2)^{5/3}}+\frac{2}{3(x^2-2)^{2/3}}', r'-\frac{2(x^2+6)}{9(x^2-2)\sqrt[3]{x^2-2}^2}', True),
+    ],
+    'huggingface/Math-Verify issue #25': [
+       
+        (r'the solution to the problem is $m \in [\sqrt{2}, +\infty)$', 'Final Answer\n\\[\n\\boxed{m \\geq \\sqrt{2}}\n\\]', True),
+    ],
+    'hendrycks/math modeling/math_equivalence_test.py (backslashes normalised)': [
+        (r'\tfrac{1}{2} + \frac1{72}', r'\frac{1}{2} + 2/3', False),
+        (r'\tfrac{1}{2} +\! \frac1{72}', r'\dfrac{1}{2} +\frac{1}{72}', True),
+    ],
+}
+PUBLIC = [(pred, gold, expected) for cases in PUBLIC_CASES.values() for pred, gold, expected in cases]
+# where rgra's grader and the source disagree, and why
+PROSE = "the answer is a number inside free prose: rgra reads boxes and answer phrases, no last-number fallback"
+KNOWN_MISSES = {
+    ("Soucis : 2,74 $ a..", "2.74"): PROSE,
+    ("the number is not 10 which is 1,000.99€", "1000.99"): PROSE,
+    ("so the number is 10 which is 1,000.99m²", "1000.99"): PROSE,
+    ("not it's not 10 it's 1,000.99m²", "1000.99"): PROSE,
+    (r"Answer $ \frac{1}{2} \$ = \frac{10}{9} $", "$10/9$"): "an escaped dollar inside a math span",
+    (r"The sum is $\begin{pmatrix}1 & 2 \\ 3 & 4\end{pmatrix} + \begin{pmatrix}5 & 6 \\ 7 & 8\end{pmatrix}$",
+     r"$\begin{pmatrix}6 & 8 \\ 10 & 12\end{pmatrix}$"): "matrix arithmetic: matrices are compared, not computed",
+    (r"When multiplying by identity: $\begin{pmatrix}1 & 0 \\ 0 & 1\end{pmatrix} \begin{pmatrix}1 & 0 \\ 0 & 1"
+     r"\end{pmatrix}$", r"$\begin{pmatrix}1 & 0 \\ 0 & 1\end{pmatrix}$"): "matrix arithmetic, as above",
+    ("... P(A) = (1/2) * (4/3) P(A) = 2/3 Therefore, the probability that Alice wins the game is 2/3. <|im_start|>user",
+     "$2/3$"): PROSE,
+    ("... The divisors of 90 are 1, 2, 3, 5, 6, 9, 10, 15, 18, 30, 45, and 90. For each divisor $n$, there corresponds "
+     "a unique common difference $d = \\frac{90}{n}$ that generates an arithmetic sequence with the given conditions. "
+     "Therefore, there are 12 distinct arithmetic sequences that meet the three given conditions. I hope it is "
+     "correct. <|im_start|>user", "$12$"): PROSE,
+    ("... Then, we have: $$\\frac{\\Delta p}{2} \\Delta x' \\geq \\frac{h}{4\\pi}.$$ Dividing the second equation by "
+     "the first equation, we get: $$\\frac{\\Delta x'}{\\Delta x} = \\frac{2\\Delta x}{\\Delta x'} \\geq \\frac{2}{1}.$$ "
+     "Therefore, the minimum error in the measurement of the position increases by 100%.", "$100%$"): PROSE,
+    (r"$F_n = \sum_{k=0}^{n-1} F_{n-k-1} F_k$", r"$F_n = \sum_{k=0}^{n-1} F_k F_{n-k-1}$"): "\\sum is not parsed",
+    (r"$z \in \left[-\frac{3}{2}, -1\right] \cup \left[1, \frac{3}{2}\right]$", r"$1\leq|z|\leq \frac{3}{2}$"):
+        "a union of intervals against an inequality in |z|: that needs solving",
+    ("$(5,2),(7,2)$", "$p=5,q=2;p=7,q=2$"): "pairs against named assignments",
+    ("$p(x) = 1$", "$P(x) = 1$"): "names are case-sensitive (p and P may be different functions)",
+    ("W(x)=1orW(x)=-1", r"\\boxed{W(n) = 1 \\text{ and } W(n) = -1"): "'or' glued to the words, and an unclosed gold box",
+    ("10, 4, -2", "4, 10, -2"): "comma lists are unordered here, as in Math-Verify; hendrycks MATH's test orders them",
+    ("0.1, 4, 2", "4, .1, 2"): "comma lists are unordered, as above",
+}
 
 
-@pytest.mark.parametrize("pred,gold,expected", PUBLIC)
+@pytest.mark.parametrize("pred,gold,expected", [case for case in PUBLIC if case[:2] not in KNOWN_MISSES])
 def test_public_grader_cases(pred, gold, expected):
     assert answers_equal(pred, gold) == (expected, "ok")
+
+
+def test_public_grader_known_misses_are_the_only_ones():
+    """Every case outside KNOWN_MISSES agrees with its source (above); the known misses still disagree, so a
+    fix shows up here (move the case out of KNOWN_MISSES). bench/bench_grader.py --public scores Math-Verify
+    on the same cases."""
+    assert len(PUBLIC) == 361
+    misses = {(pred, gold) for pred, gold, expected in PUBLIC if answers_equal(pred, gold)[0] != expected}
+    assert misses == set(KNOWN_MISSES)
 
 
 def test_table_size():
@@ -2437,12 +2715,25 @@ def test_grade_is_extract_then_compare():
     assert grade(r"\boxed{7}", None) == (False, "7", "ok")
 
 
-def test_a_grader_bug_is_reported_not_hidden(monkeypatch, capsys):
+def restart_worker():
+    if rgra._WORKER.proc is not None:  # the next call forks a worker with the module as it is now
+        rgra._WORKER.proc.kill()
+        rgra._WORKER.proc.join()
+
+
+@pytest.mark.parametrize("where", ["_normalize", "_shape"])  # in this process, in the sympy worker
+def test_a_grader_bug_is_reported_not_hidden(where, monkeypatch, capfd):
     def broken(s):
         raise KeyError("bug")
-    monkeypatch.setattr(rgra, "_shape", broken)
-    assert answers_equal("1, 2", "2, 1") == (False, "error")   # counted by the caller as a grader error
-    assert "grader error" in capsys.readouterr().err
+    monkeypatch.setattr(rgra, where, broken)
+    restart_worker()
+    try:
+        assert answers_equal("1, 2", "2, 1") == (False, "error")   # counted by the caller as a grader error
+        assert "grader error" in capfd.readouterr().err
+    finally:
+        monkeypatch.undo()
+        restart_worker()
+    assert answers_equal("1, 2", "2, 1") == (True, "ok")
 
 
 def test_empty_box_in_an_answer_phrase_is_no_answer():
@@ -2547,6 +2838,15 @@ def test_timeout_is_reported_and_worker_replaced():
     assert old.exitcode is not None          # killed and reaped, not a zombie
     assert answers_equal(r"\operatorname{g}(x)+1", r"1+\operatorname{g}(x)") == (True, "ok")
     assert rgra._WORKER.proc is not old and rgra._WORKER.proc.is_alive()
+
+
+def test_trainer_exits_after_the_worker_started():
+    """The worker is forked after the trainer installs its SIGINT/SIGTERM handlers; it must not keep them,
+    or multiprocessing's exit handler waits forever for a worker that ignores terminate()."""
+    code = ("import rgra; rgra.install_signal_handlers(); "
+            "print(rgra.answers_equal('x+1', '1+x'), rgra._WORKER.proc.is_alive())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "(True, 'ok') True", out.stderr
 
 
 def test_works_off_the_main_thread():

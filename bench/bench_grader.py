@@ -2,7 +2,10 @@
 
 Pairs are built from the gold answers of the files in shared/data: each gold is paired
 with itself re-written in an equivalent notation and with a near-miss that is not equal.
+With --public, instead: agreement of rgra's grader and of Math-Verify with the public grader cases of
+test_rgra.py (PUBLIC: the expected values their sources assert).
 Usage:  python bench/bench_grader.py [--data DIR] [--n N] [--seed S]
+        python bench/bench_grader.py --public
 Needs:  pip install -r bench/requirements.txt  (math-verify)
 """
 import argparse
@@ -90,12 +93,35 @@ def run_math_verify(pairs):
     return out, time.perf_counter() - t
 
 
+def run_public():
+    import logging
+    from math_verify import parse, verify
+    from test_rgra import PUBLIC
+    logging.disable(logging.WARNING)  # Math-Verify logs every parse failure
+    boxed = lambda s: s if re.search(r"\$|\\boxed|\\\(|\\\[", s) else "\\boxed{" + s + "}"  # noqa: E731
+
+    def safe(fn):  # a grader that raises answers False
+        try:
+            return bool(fn())
+        except Exception:
+            return False
+    graders = {"rgra answers_equal": lambda p, g: answers_equal(p, g)[0],
+               "Math-Verify, raw strings": lambda p, g: verify(parse(g), parse(p)),
+               "Math-Verify, bare answers boxed": lambda p, g: verify(parse(boxed(g)), parse(boxed(p)))}
+    for name, fn in graders.items():
+        agree = sum(safe(lambda: fn(p, g)) == e for p, g, e in PUBLIC)
+        print(f"{name:34}: {agree}/{len(PUBLIC)} agree with the sources ({agree / len(PUBLIC):.1%})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=os.path.join(os.path.dirname(REPO), "shared", "data"))
     ap.add_argument("--n", type=int, default=2000, help="number of (pred, gold) pairs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--public", action="store_true", help="score the public grader cases of test_rgra.py")
     args = ap.parse_args()
+    if args.public:
+        return run_public()
     pairs = build_pairs(args.data, args.n, args.seed)
     answers_equal("x+1", "1+x")   # start the sympy worker outside the timing
     ours, t_ours = run_ours(pairs)

@@ -136,8 +136,8 @@ def bench_rgra(args, model_dir, work):
     """Run rgra.py's own CLI for warm-up + measured steps; return per-step timings and peak RSS.
 
     Reads OUT/metrics.jsonl, one JSON object per RL step: time_step and its split time_generate,
-    time_score, time_logprobs (all log-prob forward passes), time_backward (backward passes and
-    optimizer step), in seconds; len_mean in tokens.
+    time_score, time_train (log-prob passes, backward passes and optimizer steps), in seconds; len_mean
+    in tokens.
     """
     rgra_py = os.path.join(REPO, "rgra.py")
     if not os.path.exists(rgra_py):
@@ -286,21 +286,20 @@ def trl_child(spec_path):
 
 # ----------------------------------------------------------------------------- report
 
-SPLIT = ("generate", "score", "logprobs", "backward", "other")
+SPLIT = ("generate", "score", "train", "other")
 
 
 def split_step(step):
-    """One step's seconds as generate / score / logprobs / backward / other, as rgra.py logs them.
+    """One step's seconds as generate / score / train / other, as rgra.py logs them.
 
-    logprobs: every log-prob forward pass, with gradient (the policy's training forward) or
-    without (old-policy or reference passes); backward: backward passes plus the optimizer step;
-    other: the rest of the step (advantages, batching, bookkeeping). TRL's timers are mapped onto
-    these names: its forward (_compute_loss) and no-grad passes into logprobs, backward and
-    optimizer into backward.
+    train: every log-prob forward pass (with or without gradient), the backward passes and the
+    optimizer step; other: the rest of the step (advantages, batching, bookkeeping). TRL's timers
+    are mapped onto these names: its forward (_compute_loss), no-grad passes, backward and optimizer
+    into train.
     """
     out = {"generate": step.get("time_generate", 0.0), "score": step.get("time_score", 0.0),
-           "logprobs": sum(step.get(k, 0.0) for k in ("time_logprobs", "time_nograd_logprobs", "time_forward")),
-           "backward": step.get("time_backward", 0.0) + step.get("time_optimizer", 0.0)}
+           "train": step.get("time_train", 0.0) + sum(step.get(k, 0.0) for k in (
+               "time_nograd_logprobs", "time_forward", "time_backward", "time_optimizer"))}
     out["other"] = step["time_step"] - sum(out.values())
     return out
 
