@@ -317,9 +317,8 @@ def compute_advantages(rewards, cfg):
         keep = torch.zeros(P, G, dtype=torch.bool).scatter_(1, rewards.argmax(1, keepdim=True), True)
         keep &= rewards > 0
         return keep.float(), keep
-    mean = rewards.mean(dim=1, keepdim=True)  # (P, 1)
-    adv = {"group": rewards - mean, "leave-one-out": (rewards - mean) * G / (G - 1), "raw": rewards}
-    adv = adv[cfg.advantage]
+    centred = rewards - rewards.mean(dim=1, keepdim=True)  # (P, G)
+    adv = {"group": centred, "leave-one-out": centred * G / (G - 1), "raw": rewards}[cfg.advantage]
     if cfg.std_norm == "group": adv = adv / (rewards.std(dim=1, keepdim=True) + STD_EPS)  # DeepSeekMath eq. 3
     elif cfg.std_norm == "batch": adv = (adv - adv.mean()) / (adv.std() + STD_EPS)  # REINFORCE++
     if cfg.positive_only: adv = adv.clamp(min=0)  # GRPO-pos
@@ -939,11 +938,12 @@ def _to_sympy(s):  # sympy expression of a leaf (golds repeat: cached); None for
         return None
     return expr if isinstance(expr, sympy.Expr) and not expr.has(sympy.Tuple) else None  # (1, 2) is no leaf
 # ---- The worker process: one, forked (as PyTorch's DataLoader: fine for __main__ scripts and any thread)
-def _worker_loop(conn):  # receives normalised (pred, gold), sends back (equal, status)
+def _worker_loop(conn, parent_end):  # receives normalised (pred, gold), sends back (equal, status)
+    parent_end.close()  # the fork's copy: open, it would keep recv() from seeing the parent's death as EOF
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handler: terminate() must end it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     while True:
-        pred, gold = conn.recv()  # EOFError when the parent is gone: the worker ends
+        pred, gold = conn.recv()  # EOFError once the parent is gone (even SIGKILLed): the worker ends
         try:
             conn.send((bool(_equal(pred, gold)), "ok"))
         except Exception as err:  # a grader bug or a sympy failure: reported, and counted by the caller
@@ -955,8 +955,8 @@ class _SympyWorker:  # call(pred, gold, timeout): _equal in the worker, or (Fals
         with self.lock:
             if self.proc is None or not self.proc.is_alive():  # the first call, or the worker died (memory)
                 self.conn, child = multiprocessing.Pipe()
-                self.proc = multiprocessing.get_context("fork").Process(target=_worker_loop, args=(child,),
-                                                                        daemon=True)  # ends with its parent
+                self.proc = multiprocessing.get_context("fork").Process(target=_worker_loop, daemon=True,
+                                                                        args=(child, self.conn))
                 self.proc.start()
             self.conn.send((pred, gold))
             if self.conn.poll(timeout): return self.conn.recv()

@@ -2849,6 +2849,23 @@ def test_trainer_exits_after_the_worker_started():
     assert out.stdout.strip() == "(True, 'ok') True", out.stderr
 
 
+def test_worker_ends_when_the_trainer_is_killed():
+    """A SIGKILLed trainer (OOM killer, kill -9) must not leave its sympy worker behind, holding memory."""
+    code = "import rgra; rgra.answers_equal('x+1', '1+x'); print(rgra._WORKER.proc.pid, flush=True); input()"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    worker = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    for _ in range(100):  # the worker reads EOF and exits; init reaps it
+        if not os.path.exists(f"/proc/{worker}") or "Z" in open(f"/proc/{worker}/stat").read().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the worker outlived its killed parent")
+
+
 def test_works_off_the_main_thread():
     results = []
 

