@@ -6,12 +6,12 @@ checkpoint and the base model are scored on the held-out problems with greedy de
 is --steps optimizer steps for every variant: at mu = 2 (grpo_mu2, rgra_mu2) that is half as many
 rollout steps, so those two see half the samples of the mu = 1 variants (and the same as each other).
 
-  python bench/ablation.py                                  # default variants, 20 optimizer steps each
+  python bench/ablation.py                                  # all 8 variants, 20 optimizer steps each
   python bench/ablation.py --steps 2 --variants rgra grpo --limit 20 --out runs/ablation_tiny
 
 Writes to --out: one run folder per variant (rgra.py's metrics.jsonl and checkpoints),
-ablation.png (training reward and mean response length against optimizer steps, one line per variant) and
-ablation.md (held-out accuracy before and after, per variant). A variant whose run folder already
+ablation.png (training reward, mean response length and entropy against optimizer steps, one line
+per variant) and ablation.md (held-out accuracy before and after, per variant). A variant whose run folder already
 holds its final checkpoint is not trained again, and scores already written are reused, so an
 interrupted ablation continues where it stopped (an unfinished run goes on with --resume).
 """
@@ -39,7 +39,7 @@ VARIANTS = {
     "raft": ["--algo", "raft"],
     "dr_grpo": ["--algo", "dr_grpo"],
 }
-DEFAULT_VARIANTS = ["grpo", "rgra", "grpo_pos", "reinforce", "grpo_mu2", "rgra_mu2"]
+DEFAULT_VARIANTS = list(VARIANTS)
 
 
 def smollm2_gguf():
@@ -108,14 +108,18 @@ def plot(curves, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = (("reward_mean", "training reward (sampled, T = 0.7)"), ("len_mean", "mean response length (tokens)"),
+              ("entropy", "policy entropy (nats per token)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.2))
     for name, rows in curves.items():  # a rollout's point sits at the optimizer steps taken before it
         steps = [sum(r["optimizer_steps"] for r in rows[:k]) for k in range(len(rows))]
-        axes[0].plot(steps, [r["reward_mean"] for r in rows], label=name, marker=".")
-        axes[1].plot(steps, [r["len_mean"] for r in rows], label=name, marker=".")
-    for ax, title in zip(axes, ("training reward (sampled, T = 0.7)", "mean response length (tokens)")):
+        dashed = name in ("grpo", "grpo_mu2")  # drawn dashed on top: at mu = 1 GRPO lies exactly on RGRA
+        for ax, (key, title) in zip(axes, panels):
+            ax.plot(steps, [r[key] for r in rows], label=name, marker=".", linestyle="--" if dashed else "-",
+                    zorder=3 if dashed else 2)
+            ax.set_title(title)
+    for ax in axes:
         ax.set_xlabel("optimizer steps before the rollout")
-        ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
