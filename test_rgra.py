@@ -665,7 +665,7 @@ def test_old_logprobs_come_from_the_policy_before_the_update(arch):
     hand = {**batch, "old_logp": old, "ref_logp": ref}
     for step, lr in enumerate((2.0, 2.0)):
         expected, _ = hand_reference(policy, hand, idx, cfg)
-        assert_grads_close(record[step], expected, rtol=1e-4, atol=1e-7)
+        assert_grads_close(record[step], expected, rtol=1e-4, atol=1e-6)  # summation order differs by CPU
         with torch.no_grad():
             for p, g in zip(policy.parameters(), expected):
                 p -= lr * g
@@ -1297,7 +1297,9 @@ def test_lora_reference_logprobs_are_the_base_models():
     stats = rgra.train_on_rollout(model, None, optimizer, scheduler, batch, list(range(len(COMPLETIONS))), cfg,
                                      torch.Generator().manual_seed(0))
     for i, c in enumerate(COMPLETIONS):
-        assert torch.equal(batch["ref_logp"][i], want[i, :len(c)]), f"reference log-probs of sequence {i}"
+        # micro-batches of another size than `want`'s batch: equal up to float summation order
+        torch.testing.assert_close(batch["ref_logp"][i], want[i, :len(c)], rtol=1e-5, atol=1e-6,
+                                   msg=f"reference log-probs of sequence {i}")
     assert stats["kl"] > 0
 
 

@@ -9,9 +9,9 @@ rollout steps, so those two see half the samples of the mu = 1 variants (and the
   python bench/ablation.py                                  # all 8 variants, 20 optimizer steps each
   python bench/ablation.py --steps 2 --variants rgra grpo --limit 20 --out runs/ablation_tiny
 
-Writes to --out: one run folder per variant (rgra.py's metrics.jsonl and checkpoints),
-ablation.png (training reward, mean response length and entropy against optimizer steps, one line
-per variant) and ablation.md (held-out accuracy before and after, per variant). A variant whose run folder already
+Writes to --out: one run folder per variant (rgra.py's metrics.jsonl and checkpoints), ablation.png
+(training reward, mean response length and entropy against optimizer steps, one line per variant) and
+ablation.md (held-out accuracy before and after, per variant). A variant whose run folder already
 holds its final checkpoint is not trained again, and scores already written are reused, so an
 interrupted ablation continues where it stopped (an unfinished run goes on with --resume).
 """
@@ -142,16 +142,18 @@ def main():
             curves[name] = [json.loads(line) for line in f if line.strip()]
         first, last = curves[name][:3], curves[name][-3:]
         rows.append(f"| {name} | `{' '.join(VARIANTS[name])}` | {sum(r['accuracy'] for r in first) / len(first):.1%} | "
-                    f"{sum(r['accuracy'] for r in last) / len(last):.1%} | {base:.1%} | {after:.1%} | {len(test)} | "
+                    f"{sum(r['accuracy'] for r in last) / len(last):.1%} | {base:.1%} | {after:.1%} | "
+                    f"{(after * (1 - after) / len(test)) ** 0.5:.1%} | {len(test)} | "
                     f"{len(curves[name])} | {sum(r['time_step'] for r in curves[name]):.0f} |")
         print(rows[-1], flush=True)
     plot(curves, os.path.join(args.out, "ablation.png"))
     with open(os.path.join(args.out, "ablation.md"), "w") as f:
         f.write(f"Held-out greedy accuracy, {args.steps} optimizer steps per variant, seed {args.seed}, data {args.data}"
                 f"{', extra flags ' + ' '.join(train_flags) if train_flags else ''}.\n"
-                "Train accuracy: mean over the first / last 3 steps (sampled at the training temperature).\n\n"
-                "| variant | rgra.py flags | train acc. first | train acc. last | held-out before | held-out after | problems "
-                "| rollout steps | training seconds |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+                "Train accuracy: mean over the first / last 3 steps (sampled at the training temperature). "
+                "Std. error: sqrt(p (1 - p) / problems) of the held-out accuracy after.\n\n"
+                "| variant | rgra.py flags | train acc. first | train acc. last | held-out before | held-out after "
+                "| its std. error | problems | rollout steps | training seconds |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(f"wrote {os.path.join(args.out, 'ablation.png')} and {os.path.join(args.out, 'ablation.md')}")
 
 
