@@ -6,7 +6,8 @@ checkpoint and the base model are scored on the held-out problems with greedy de
 is --steps optimizer steps for every variant: at mu = 2 (grpo_mu2, rgra_mu2) that is half as many
 rollout steps, so those two see half the samples of the mu = 1 variants (and the same as each other).
 
-  python bench/ablation.py                                  # all 8 variants, 20 optimizer steps each
+  python bench/ablation.py                                  # the six default variants, 20 optimizer steps each
+  python bench/ablation.py --variants raft dr_grpo          # more variants, same budget and seed
   python bench/ablation.py --steps 2 --variants rgra grpo --limit 20 --out runs/ablation_tiny
 
 Writes to --out: one run folder per variant (rgra.py's metrics.jsonl and checkpoints), ablation.png
@@ -39,7 +40,7 @@ VARIANTS = {
     "raft": ["--algo", "raft"],
     "dr_grpo": ["--algo", "dr_grpo"],
 }
-DEFAULT_VARIANTS = list(VARIANTS)
+DEFAULT_VARIANTS = ["grpo", "rgra", "grpo_pos", "reinforce", "grpo_mu2", "rgra_mu2"]  # the README's table
 
 
 def smollm2_gguf():
@@ -140,20 +141,22 @@ def main():
                                  os.path.join(run, "heldout.json"))
         with open(os.path.join(run, "metrics.jsonl")) as f:
             curves[name] = [json.loads(line) for line in f if line.strip()]
-        first, last = curves[name][:3], curves[name][-3:]
-        rows.append(f"| {name} | `{' '.join(VARIANTS[name])}` | {sum(r['accuracy'] for r in first) / len(first):.1%} | "
-                    f"{sum(r['accuracy'] for r in last) / len(last):.1%} | {base:.1%} | {after:.1%} | "
-                    f"{(after * (1 - after) / len(test)) ** 0.5:.1%} | {len(test)} | "
-                    f"{len(curves[name])} | {sum(r['time_step'] for r in curves[name]):.0f} |")
+        c = curves[name]
+        first, last = (sum(r["accuracy"] for r in rs) / len(rs) for rs in (c[:3], c[-3:]))
+        rows.append(f"| {name} | `{' '.join(VARIANTS[name])}` | {base:.1%} | {after:.1%} ({round(after * len(test))}) | "
+                    f"{(after * (1 - after) / len(test)) ** 0.5:.1%} | {first:.2f} / {last:.2f} | "
+                    f"{c[0]['len_mean']:.0f} / {c[-1]['len_mean']:.0f} | {c[0]['entropy']:.2f} / {c[-1]['entropy']:.2f} | "
+                    f"{len(c)} | {sum(r['time_step'] for r in c):.0f} |")
         print(rows[-1], flush=True)
     plot(curves, os.path.join(args.out, "ablation.png"))
     with open(os.path.join(args.out, "ablation.md"), "w") as f:
         f.write(f"Held-out greedy accuracy, {args.steps} optimizer steps per variant, seed {args.seed}, data {args.data}"
                 f"{', extra flags ' + ' '.join(train_flags) if train_flags else ''}.\n"
-                "Train accuracy: mean over the first / last 3 steps (sampled at the training temperature). "
-                "Std. error: sqrt(p (1 - p) / problems) of the held-out accuracy after.\n\n"
-                "| variant | rgra.py flags | train acc. first | train acc. last | held-out before | held-out after "
-                "| its std. error | problems | rollout steps | training seconds |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+                "Held-out: greedy accuracy (problems right); std. error sqrt(p (1 - p) / problems). Train accuracy: "
+                "mean over the first / last 3 rollout steps, sampled at the training temperature. Length (tokens) and "
+                "entropy (nats per token): first / last rollout step.\n\n"
+                "| variant | rgra.py flags | held-out before | held-out after | std. error | train accuracy | length "
+                "| entropy | rollout steps | training seconds |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(f"wrote {os.path.join(args.out, 'ablation.png')} and {os.path.join(args.out, 'ablation.md')}")
 
 
