@@ -2,16 +2,19 @@
 
 Pairs are built from the gold answers of the files in shared/data: each gold is paired
 with itself re-written in an equivalent notation and with a near-miss that is not equal.
-With --public, instead: agreement of rgra's grader and of Math-Verify with the public grader cases of
-test_rgra.py (PUBLIC: the expected values their sources assert).
+With --public, instead: agreement of rgra's grader and of Math-Verify with the public grader
+cases of bench/grader_cases.jsonl (the expected values their sources assert); without
+Math-Verify installed, rgra's agreement only.
 Usage:  python bench/bench_grader.py [--data DIR] [--n N] [--seed S]
         python bench/bench_grader.py --public
 Needs:  pip install -r bench/requirements.txt  (math-verify)
 """
+
 import argparse
 import ast
 import glob
 import json
+import logging
 import os
 import random
 import re
@@ -20,118 +23,172 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scratch: grader.py sits here
-from rgra import answers_equal, extract_answer  # noqa: E402
+from rgra import answers_equal, extract_answer  # noqa: E402 (rgra is found through REPO, set above)
+
+PUBLIC_CASES = os.path.join(REPO, "bench", "grader_cases.jsonl")
 
 
 def gold_of(row):
-    """Final answer of a data row (the same fields rgra.gold_answer reads)."""
+    """The final answer (str or None) of a data row: the same fields rgra.gold_answer reads."""
     if "final_answer" in row:
         return row["final_answer"][0].strip().strip("$")
-    ans = row.get("answer")
-    if isinstance(ans, list):
-        ans = ans[0].strip() if ans else None
-    if isinstance(ans, float):
-        return str(ans)                       # AMC floats stay as 27.0: the grader's job
-    if isinstance(ans, str) and "####" in ans:
-        return ans.split("####")[-1].strip()
-    if isinstance(ans, str) and ans.startswith("['"):
-        return str(ast.literal_eval(ans)[0]).strip()
-    if ans is not None:
-        return str(ans)
+    answer = row.get("answer")
+    if isinstance(answer, list):
+        answer = answer[0].strip() if answer else None
+    if isinstance(answer, float):
+        # AMC floats stay as 27.0: the grader's job.
+        return str(answer)
+    if isinstance(answer, str) and "####" in answer:
+        return answer.split("####")[-1].strip()
+    if isinstance(answer, str) and answer.startswith("['"):
+        return str(ast.literal_eval(answer)[0]).strip()
+    if answer is not None:
+        return str(answer)
     return extract_answer(row.get("solution", ""))
 
 
-def equivalent(g, rng):
-    """The same answer in another notation."""
-    if re.fullmatch(r"-?\d+", g):
-        return rng.choice([f"{int(g):,}", f"{int(g)}.0", f"x = {int(g)}", f"{int(g)}\\text{{ units}}"])
-    if re.fullmatch(r"-?\d+\.\d+", g):
-        return rng.choice([g + "0", f"{float(g):.6g}", f"{float(g):e}"])
-    m = re.fullmatch(r"(-?)\\frac\{(\d+)\}\{(\d+)\}", g)
-    if m:
-        return rng.choice([f"{m[1]}{m[2]}/{m[3]}", f"{m[1]}\\dfrac{m[2]}{m[3]}" if len(m[2] + m[3]) == 2
-                           else f"{m[1]}\\dfrac{{{m[2]}}}{{{m[3]}}}"])
-    return rng.choice([f"\\left({g}\\right)" if "," not in g else re.sub(r",(?!\\!|\d{3}\b)", ", ", g),
-                       g.replace("\\frac", "\\dfrac"), f"${g}$", g.replace(" ", "")])
+def equivalent(gold, rng):
+    """The gold answer (str) in another notation, drawn with rng: 1,000 or 1000.0 for 1000."""
+    if re.fullmatch(r"-?\d+", gold):
+        number = int(gold)
+        return rng.choice(
+            [f"{number:,}", f"{number}.0", f"x = {number}", f"{number}\\text{{ units}}"]
+        )
+    if re.fullmatch(r"-?\d+\.\d+", gold):
+        return rng.choice([gold + "0", f"{float(gold):.6g}", f"{float(gold):e}"])
+    fraction = re.fullmatch(r"(-?)\\frac\{(\d+)\}\{(\d+)\}", gold)
+    if fraction:
+        sign, numerator, denominator = fraction.groups()
+        if len(numerator + denominator) == 2:
+            dfrac = f"{sign}\\dfrac{numerator}{denominator}"
+        else:
+            dfrac = f"{sign}\\dfrac{{{numerator}}}{{{denominator}}}"
+        return rng.choice([f"{sign}{numerator}/{denominator}", dfrac])
+    # A list gets spaces after its commas (not thousands separators), anything else \left( \right).
+    spaced = re.sub(r",(?!\\!|\d{3}\b)", ", ", gold) if "," in gold else f"\\left({gold}\\right)"
+    return rng.choice(
+        [spaced, gold.replace("\\frac", "\\dfrac"), f"${gold}$", gold.replace(" ", "")]
+    )
 
 
-def different(g, rng):
-    """A near miss: one number changed."""
-    nums = list(re.finditer(r"(?<![\d.])\d+", g))
-    if not nums:
-        return g + "+1"
-    m = rng.choice(nums)
-    return g[:m.start()] + str(int(m.group()) + rng.choice([1, 2, 9])) + g[m.end():]
+def different(gold, rng):
+    """A near miss of the gold answer (str): one of its numbers changed, or "+1" appended."""
+    numbers = list(re.finditer(r"(?<![\d.])\d+", gold))
+    if not numbers:
+        return gold + "+1"
+    number = rng.choice(numbers)
+    changed = str(int(number.group()) + rng.choice([1, 2, 9]))
+    return gold[: number.start()] + changed + gold[number.end() :]
 
 
 def build_pairs(data_dir, n, seed):
+    """n (pred, gold, expected) pairs from the golds of up to 400 rows of each data file: half
+    equal in another notation, half near misses."""
     rng = random.Random(seed)
     golds = []
     for path in sorted(glob.glob(os.path.join(data_dir, "*", "*.jsonl"))):
-        rows = [json.loads(line) for line in open(path)]
+        with open(path) as data_file:
+            rows = [json.loads(line) for line in data_file]
         rng.shuffle(rows)
-        golds += [g for g in (gold_of(r) for r in rows[:400]) if g]
+        golds += [gold for gold in (gold_of(row) for row in rows[:400]) if gold]
     rng.shuffle(golds)
     pairs = []
-    for g in golds[:n // 2]:
-        pairs.append((equivalent(g, rng), g, True))
-        pairs.append((different(g, rng), g, False))
+    for gold in golds[: n // 2]:
+        pairs.append((equivalent(gold, rng), gold, True))
+        pairs.append((different(gold, rng), gold, False))
     return pairs
 
 
 def run_ours(pairs):
-    t = time.perf_counter()
-    out = [answers_equal(p, g)[0] for p, g, _ in pairs]
-    return out, time.perf_counter() - t
+    """([equal] by rgra's answers_equal, seconds taken) for the pairs."""
+    start = time.perf_counter()
+    results = [answers_equal(pred, gold)[0] for pred, gold, _ in pairs]
+    return results, time.perf_counter() - start
 
 
 def run_math_verify(pairs):
+    """([equal] by Math-Verify, each answer boxed, seconds taken) for the pairs."""
     from math_verify import parse, verify
-    t = time.perf_counter()
-    out = [bool(verify(parse("\\boxed{" + g + "}"), parse("\\boxed{" + p + "}"))) for p, g, _ in pairs]
-    return out, time.perf_counter() - t
+
+    start = time.perf_counter()
+    results = []
+    for pred, gold, _ in pairs:
+        results.append(bool(verify(parse("\\boxed{" + gold + "}"), parse("\\boxed{" + pred + "}"))))
+    return results, time.perf_counter() - start
+
+
+def boxed(s):
+    """s in \\boxed{} unless it has its own $, \\boxed, \\( or \\[ (for Math-Verify's parser)."""
+    if re.search(r"\$|\\boxed|\\\(|\\\[", s):
+        return s
+    return "\\boxed{" + s + "}"
+
+
+def math_verify_equal(pred, gold, box):
+    """Math-Verify's verdict on pred against gold (answers boxed if box); False if it raises."""
+    from math_verify import parse, verify
+
+    if box:
+        pred = boxed(pred)
+        gold = boxed(gold)
+    try:
+        return bool(verify(parse(gold), parse(pred)))
+    except Exception:  # noqa: BLE001 (a grader that raises answers False, as in a reward function)
+        return False
 
 
 def run_public():
-    import logging
-    from math_verify import parse, verify
-    from test_rgra import PUBLIC
-    logging.disable(logging.WARNING)  # Math-Verify logs every parse failure
-    boxed = lambda s: s if re.search(r"\$|\\boxed|\\\(|\\\[", s) else "\\boxed{" + s + "}"  # noqa: E731
-
-    def safe(fn):  # a grader that raises answers False
-        try:
-            return bool(fn())
-        except Exception:
-            return False
-    graders = {"rgra answers_equal": lambda p, g: answers_equal(p, g)[0],
-               "Math-Verify, raw strings": lambda p, g: verify(parse(g), parse(p)),
-               "Math-Verify, bare answers boxed": lambda p, g: verify(parse(boxed(g)), parse(boxed(p)))}
-    for name, fn in graders.items():
-        agree = sum(safe(lambda: fn(p, g)) == e for p, g, e in PUBLIC)
-        print(f"{name:34}: {agree}/{len(PUBLIC)} agree with the sources ({agree / len(PUBLIC):.1%})")
+    """Print how many public grader cases rgra (and Math-Verify, if installed) agree with."""
+    with open(PUBLIC_CASES) as cases_file:
+        cases = [json.loads(line) for line in cases_file]
+    agree = sum(answers_equal(case["pred"], case["gold"])[0] == case["expected"] for case in cases)
+    print(f"{'rgra answers_equal':34}: {agree}/{len(cases)} agree with the sources")
+    try:
+        import math_verify  # noqa: F401 (only to know whether it is installed)
+    except ImportError:
+        print("Math-Verify is not installed (pip install -r bench/requirements.txt): skipped")
+        return
+    # Math-Verify logs every parse failure.
+    logging.disable(logging.WARNING)
+    for name, box in (
+        ("Math-Verify, raw strings", False),
+        ("Math-Verify, bare answers boxed", True),
+    ):
+        verdicts = [math_verify_equal(case["pred"], case["gold"], box) for case in cases]
+        agree = sum(
+            verdict == case["expected"] for verdict, case in zip(verdicts, cases, strict=True)
+        )
+        print(f"{name:34}: {agree}/{len(cases)} agree with the sources")
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=os.path.join(os.path.dirname(REPO), "shared", "data"))
-    ap.add_argument("--n", type=int, default=2000, help="number of (pred, gold) pairs")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--public", action="store_true", help="score the public grader cases of test_rgra.py")
-    args = ap.parse_args()
+    """Parse the command line; score the public cases, or compare the two graders on built pairs."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=os.path.join(os.path.dirname(REPO), "shared", "data"))
+    parser.add_argument("--n", type=int, default=2000, help="number of (pred, gold) pairs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--public", action="store_true", help="score bench/grader_cases.jsonl")
+    args = parser.parse_args()
     if args.public:
-        return run_public()
+        run_public()
+        return
     pairs = build_pairs(args.data, args.n, args.seed)
-    answers_equal("x+1", "1+x")   # start the sympy worker outside the timing
-    ours, t_ours = run_ours(pairs)
-    mv, t_mv = run_math_verify(pairs)
+    # Start the sympy worker outside the timing.
+    answers_equal("x+1", "1+x")
+    ours, our_seconds = run_ours(pairs)
+    theirs, their_seconds = run_math_verify(pairs)
     n = len(pairs)
-    print(f"pairs: {n} ({sum(e for *_, e in pairs)} built equal, the rest near misses)")
-    print(f"rgra answers_equal: {n / t_ours:9.1f} pairs/s   matches construction {sum(o == e for o, (*_, e) in zip(ours, pairs)) / n:.2%}")
-    print(f"Math-Verify     : {n / t_mv:9.1f} pairs/s   matches construction {sum(o == e for o, (*_, e) in zip(mv, pairs)) / n:.2%}")
-    print(f"speed ratio     : {t_mv / t_ours:9.1f}x")
-    print(f"agreement       : {sum(a == b for a, b in zip(ours, mv)) / n:.2%}")
+    expected = [equal for _, _, equal in pairs]
+    our_matches = sum(a == b for a, b in zip(ours, expected, strict=True)) / n
+    their_matches = sum(a == b for a, b in zip(theirs, expected, strict=True)) / n
+    agreement = sum(a == b for a, b in zip(ours, theirs, strict=True)) / n
+    print(f"pairs: {n} ({sum(expected)} built equal, the rest near misses)")
+    print(f"rgra       : {n / our_seconds:9.1f} pairs/s, matches construction {our_matches:.2%}")
+    print(
+        f"Math-Verify: {n / their_seconds:9.1f} pairs/s, matches construction {their_matches:.2%}"
+    )
+    print(f"speed ratio: {their_seconds / our_seconds:9.1f}x")
+    print(f"agreement  : {agreement:.2%}")
 
 
 if __name__ == "__main__":
