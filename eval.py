@@ -229,7 +229,14 @@ def evaluate(model, tokenizer, problems, args, desc="eval"):
     # little, and a batch too large for memory fails at the start, not at the end.
     order = sorted(range(len(problems)), key=lambda i: -lengths[i])
     prompts_per_call = max(1, args.batch_size // args.n)
-    stop = rgra.STOP_STRINGS.get(args.template, [])
+    # rgra.sample's settings: greedy or sampled, the budget, the template's stop strings.
+    settings = rgra.Config(
+        template=args.template,
+        max_new_tokens=budget,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        gen_batch_size=args.batch_size,
+    )
     bf16 = model.device.type == "cuda"
     torch.manual_seed(args.seed)
     records = [None] * (len(problems) * args.n)
@@ -237,16 +244,9 @@ def evaluate(model, tokenizer, problems, args, desc="eval"):
         for start in range(0, len(order), prompts_per_call):
             chunk = order[start : start + prompts_per_call]
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+                chunk_prompts = [prompts[i] for i in chunk]
                 _, completion_ids, texts, truncated = rgra.sample(
-                    model,
-                    tokenizer,
-                    [prompts[i] for i in chunk],
-                    args.n,
-                    budget,
-                    args.temperature,
-                    args.top_p,
-                    args.batch_size,
-                    stop,
+                    model, tokenizer, chunk_prompts, args.n, settings
                 )
             # Row j of the chunk's completions is sample j % n of problem chunk[j // n].
             for j, text in enumerate(texts):

@@ -36,24 +36,14 @@ cispo      group          group     cispo      token     1/3        0        tok
 
 Also: grpo_pos --positive-only; dapo --drop-equal-groups --dynamic-sampling --mask-truncated.
 
-  grpo: DeepSeekMath (arXiv 2402.03300) eq. 3-4, KL by the k3 estimator. dr_grpo: Dr. GRPO
-  (arXiv 2503.20783). rgra: REINFORCE with Group Relative Advantage (arXiv 2603.18756); grpo_pos
-  and reinforce are its ablations. rloo: Ahmadian et al. (arXiv 2402.14740). raft: RAFT (arXiv
-  2304.06767), top-1 per group. dapo: DAPO (arXiv 2503.14476), eq. 10-11 and Algorithm 1: groups
-  whose rewards are all equal are dropped and the batch is refilled with new prompts. gspo: GSPO
-  (arXiv 2507.18071) eq. 5-7, sec. 5.1: the clip range 3e-4/4e-4 on the sequence ratio, no KL;
-  the paper splits each rollout batch into 4 mini-batches (--mini-batches 4). cispo: MiniMax-M1
-  (arXiv 2506.13585) sec. 3.1 eq. 4-5: token-mean, no KL, no lower bound on the weight (eps_low
-  1); the paper tunes the upper bound without stating it, so it is 4 (eps_high 3), the default
-  of Thinking Machines' Tinker CISPO loss.
-
-Run: python rgra.py --algo rgra (the RGRA paper's GSM8K setting on one GPU); add --lora-rank 128
---lr 1e-5 for its LoRA adapters; --algo grpo --ppo-epochs 2 for GRPO with mu = 2, where the clip
-matters; torchrun --nproc_per_node N rgra.py ... for N GPUs, with the update of one process.
+grpo: DeepSeekMath (arXiv 2402.03300) eq. 3-4. dr_grpo: Dr. GRPO (arXiv 2503.20783). rgra: RGRA
+(arXiv 2603.18756), with its ablations grpo_pos and reinforce. rloo: arXiv 2402.14740. raft: RAFT
+(arXiv 2304.06767), top-1. dapo: DAPO (arXiv 2503.14476) eq. 10-11, Algorithm 1. gspo: GSPO (arXiv
+2507.18071) eq. 5-7, sec. 5.1 (with --mini-batches 4). cispo: MiniMax-M1 (arXiv 2506.13585) sec.
+3.1, no lower bound; its upper bound is unpublished: 4, Tinker's CISPO default.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import glob
@@ -80,41 +70,31 @@ from tqdm import tqdm
 # ==== Configuration: GRPO's objective, each preset a few overrides of it (the table above)
 
 PRESETS = {
-    "grpo": {},
-    "dr_grpo": {"std_norm": "none", "kl_coef": 0.0, "loss_agg": "seq-mean-token-sum-norm"},
-    "rgra": {"surrogate": "pg"},
-    "grpo_pos": {"positive_only": True},
-    "reinforce": {"advantage": "raw", "std_norm": "none", "surrogate": "pg"},
-    "rloo": {
-        "advantage": "leave-one-out",
-        "std_norm": "none",
-        "surrogate": "pg",
-        "kl_coef": 0.0,
-        "loss_agg": "seq-mean-token-sum",
-    },
-    "raft": {
-        "advantage": "best",
-        "std_norm": "none",
-        "surrogate": "nll",
-        "kl_coef": 0.0,
-        "loss_agg": "token-mean",
-    },
-    "dapo": {
-        "eps_high": 0.28,
-        "kl_coef": 0.0,
-        "loss_agg": "token-mean",
-        "drop_equal_groups": True,
-        "dynamic_sampling": True,
-        "mask_truncated": True,
-    },
-    "gspo": {"ratio_level": "sequence", "eps_low": 3e-4, "eps_high": 4e-4, "kl_coef": 0.0},
-    "cispo": {
-        "surrogate": "cispo",
-        "eps_low": 1.0,
-        "eps_high": 3.0,
-        "kl_coef": 0.0,
-        "loss_agg": "token-mean",
-    },
+    "grpo": dict(),
+    "dr_grpo": dict(std_norm="none", kl_coef=0.0, loss_agg="seq-mean-token-sum-norm"),
+    "rgra": dict(surrogate="pg"),
+    "grpo_pos": dict(positive_only=True),
+    "reinforce": dict(advantage="raw", std_norm="none", surrogate="pg"),
+    "rloo": dict(
+        advantage="leave-one-out",
+        std_norm="none",
+        surrogate="pg",
+        kl_coef=0.0,
+        loss_agg="seq-mean-token-sum",
+    ),
+    "raft": dict(
+        advantage="best", std_norm="none", surrogate="nll", kl_coef=0.0, loss_agg="token-mean"
+    ),
+    "dapo": dict(
+        eps_high=0.28,
+        kl_coef=0.0,
+        loss_agg="token-mean",
+        drop_equal_groups=True,
+        dynamic_sampling=True,
+        mask_truncated=True,
+    ),
+    "gspo": dict(ratio_level="sequence", eps_low=3e-4, eps_high=4e-4, kl_coef=0.0),
+    "cispo": dict(surrogate="cispo", eps_low=1.0, eps_high=3.0, kl_coef=0.0, loss_agg="token-mean"),
 }
 LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm", "seq-mean-token-sum")
 TEMPLATES = ("chat", "qwen_math", "r1", "none")
@@ -127,9 +107,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def option(default, help, choices=None, at_least=None):
     """A Config field with its --help text, its allowed values and its lower bound, if any."""
-    return dataclasses.field(
-        default=default, metadata={"help": help, "choices": choices, "at_least": at_least}
-    )
+    metadata = {"help": help, "choices": choices, "at_least": at_least}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass
@@ -211,12 +190,10 @@ def parse_args(argv=None):
         if field.name in overridden:
             help += " (default: the preset's)"
         flag = "--" + field.name.replace("_", "-")
+        kwargs = {"type": field.type, "choices": field.metadata["choices"]}
         if field.type in (bool, bool | None):
-            action = argparse.BooleanOptionalAction
-            parser.add_argument(flag, action=action, default=default, help=help)
-        else:
-            choices = field.metadata["choices"]
-            parser.add_argument(flag, type=field.type, default=default, help=help, choices=choices)
+            kwargs = {"action": argparse.BooleanOptionalAction}
+        parser.add_argument(flag, default=default, help=help, **kwargs)
     given = vars(parser.parse_args(argv))
     cfg = Config(**{**PRESETS[given["algo"]], **given})
     if cfg.bf16 is None:
@@ -238,12 +215,9 @@ def check_config(cfg, error):
     if cfg.prompts_per_step % world_size:
         error(f"--prompts-per-step {cfg.prompts_per_step}: not divisible by {world_size} ranks")
     rollout = cfg.prompts_per_step * cfg.group_size
-    mini_batch = rollout // cfg.mini_batches
-    if rollout % cfg.mini_batches or mini_batch % cfg.micro_batch_size:
-        error(
-            f"--mini-batches {cfg.mini_batches} and --micro-batch-size {cfg.micro_batch_size} "
-            f"must divide the rollout batch of {rollout} sequences evenly"
-        )
+    if rollout % cfg.mini_batches or rollout // cfg.mini_batches % cfg.micro_batch_size:
+        sizes = f"--mini-batches {cfg.mini_batches} and --micro-batch-size {cfg.micro_batch_size}"
+        error(f"{sizes} must divide the rollout batch of {rollout} sequences evenly")
     if not 0 <= cfg.eps_low <= 1 or not 0 < cfg.top_p <= 1:
         error("--eps-low must be in [0, 1] and --top-p in (0, 1]")
     if cfg.mu > 1 and cfg.temperature == 0:
@@ -300,52 +274,49 @@ def build_prompt(tokenizer, question, template):
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, batch_size, stop):
-    """n completions of each prompt (temperature 0: greedy), in generate calls of about batch_size
-    sequences, ending at EOS or a stop string: prompt-major, completion k of prompt i is row
-    i * n + k. Returns prompt_ids (P token-id lists), completion_ids (P * n lists, the final EOS
-    included), texts and truncated (P * n bools: cut by max_new_tokens).
-
-    Lengths come from the first EOS or stop string, not from the pad id: with pad == eos (Qwen)
-    the EOS would drop out of the loss and never be learned (TRL PR #6357)."""
+def sample(model, tokenizer, prompts, n, cfg):
+    """n completions of each prompt (cfg: max_new_tokens, temperature 0 for greedy, top_p,
+    gen_batch_size, template's stop strings), prompt-major: row i * n + k is prompt i's k-th.
+    Returns prompt_ids (P token-id lists), completion_ids (P * n, final EOS included), texts and
+    truncated (P * n bools). A completion ends at its first EOS or stop string, not at the pad id:
+    with pad == eos (Qwen) EOS would never be learned (TRL PR #6357)."""
     from transformers import DynamicCache, GenerationConfig
 
     model.eval()
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    # Every id that ends a completion (Qwen lists several).
+    # Every id that ends a completion: Qwen lists several.
     eos = model.generation_config.eos_token_id
-    if not isinstance(eos, list):
-        eos = [eos]
-    eos = sorted(set(eos + [tokenizer.eos_token_id]) - {None})
+    eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    stop = STOP_STRINGS.get(cfg.template, [])
+    sampling = cfg.temperature > 0
     # Explicit settings: a model's own top_k or repetition_penalty would change pi_old.
     config = GenerationConfig(
-        do_sample=temperature > 0,
-        temperature=temperature or None,
-        top_p=top_p if temperature else None,
-        top_k=0 if temperature else None,
-        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        temperature=cfg.temperature if sampling else None,
+        top_p=cfg.top_p if sampling else None,
+        top_k=0 if sampling else None,
+        max_new_tokens=cfg.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos,
+        eos_token_id=sorted(eos),
         stop_strings=list(stop) or None,
     )
     completions = []
     truncated = []
     # Whole groups per generate call.
-    prompts_per_call = max(1, batch_size // n)
-    for start in range(0, len(prompts), prompts_per_call):
-        batch = prompt_ids[start : start + prompts_per_call]
-        batch = tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(model.device)
+    per_call = max(1, cfg.gen_batch_size // n)
+    for start in range(0, len(prompts), per_call):
+        batch = {"input_ids": prompt_ids[start : start + per_call]}
+        batch = tokenizer.pad(batch, return_tensors="pt").to(model.device)
         ids = batch["input_ids"]  # (p, Lp)
         mask = batch["attention_mask"]  # (p, Lp)
         # Each prompt runs once, not once per completion: all but its last token, which generate
         # runs itself before it samples.
         cache = DynamicCache(config=model.config)
         if ids.shape[1] > 1:
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
             model(
                 input_ids=ids[:, :-1],
                 attention_mask=mask[:, :-1],
-                position_ids=positions[:, :-1],
+                position_ids=positions(mask)[:, :-1],
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
@@ -361,17 +332,20 @@ def sample(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, bat
         for tokens in out[:, ids.shape[1] :].tolist():
             length = completion_length(tokens, eos, tokenizer, stop)
             completions.append(tokens[:length])
-            ended = tokens[length - 1] in eos
-            ended = ended or tokenizer.decode(tokens[:length]).endswith(tuple(stop))
-            truncated.append(not ended)
+            text = tokenizer.decode(tokens[:length])
+            truncated.append(tokens[length - 1] not in eos and not text.endswith(tuple(stop)))
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return prompt_ids, completions, texts, truncated
 
 
+def positions(mask):
+    """Position ids (m, L) of left-padded rows: 0 at each row's first real token."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
 def completion_length(tokens, eos, tokenizer, stop):
-    """Tokens up to and including the first EOS, or to the end of an earlier stop string. The stop
-    string is searched before the first EOS only: generate pads a row that stopped on a string,
-    and the pad may equal EOS."""
+    """Tokens up to and including the first EOS, or to the end of an earlier stop string (searched
+    before the first EOS only: generate pads a row that stopped on a string, and pad may be EOS)."""
     n = next((t + 1 for t, token in enumerate(tokens) if token in eos), len(tokens))
     # Back over the padding, to the shortest prefix that holds the stop string.
     while stop and n > 1 and any(s in tokenizer.decode(tokens[: n - 1]) for s in stop):
@@ -382,28 +356,23 @@ def completion_length(tokens, eos, tokenizer, stop):
 # ==== Reward: 1 for a correct final answer, plus a bonus for answering in the asked form
 
 
-def score_completions(texts, golds, template, format_bonus, timeout):
-    """Rewards (N,) float32 of N completions against their golds (same order), and the checks
-    behind them, each (N,) bool: correct, formatted, answered, timeout and error (a grader that
-    fails silently scores 0 on everything, verl PR #5635). The format bonus needs an answer in a
-    closed, non-empty \\boxed{} (r1: <think>...</think> <answer>...</answer>)."""
-    if template == "r1":
+def score_completions(texts, golds, cfg):
+    """Rewards (N,) float32 of N completions against their golds and the checks behind them, (N,)
+    bool each: correct, formatted (an answer in a closed, non-empty \\boxed{}; r1: <think>...
+    </think> <answer>...</answer>), answered, timeout, error (never hidden, verl PR #5635)."""
+    form = r"\\(?:boxed|fbox)\s*\{\s*[^\s}]"
+    if cfg.template == "r1":
         form = r"</think>\s*<answer>.*</answer>"
-    else:
-        form = r"\\(?:boxed|fbox)\s*\{\s*[^\s}]"
-    graded = [grade(text, gold, timeout) for text, gold in zip(texts, golds, strict=True)]
-    checks = {
-        "correct": [correct for correct, _, _ in graded],
-        "formatted": [
-            answer is not None and re.search(form, text, re.S) is not None
-            for text, (_, answer, _) in zip(texts, graded, strict=True)
-        ],
-        "answered": [answer is not None for _, answer, _ in graded],
-        "timeout": [status == "timeout" for _, _, status in graded],
-        "error": [status == "error" for _, _, status in graded],
-    }
+    checks = {key: [] for key in ("correct", "formatted", "answered", "timeout", "error")}
+    for text, gold in zip(texts, golds, strict=True):
+        correct, answer, status = grade(text, gold, cfg.grader_timeout)
+        checks["correct"].append(correct)
+        checks["formatted"].append(answer is not None and re.search(form, text, re.S) is not None)
+        checks["answered"].append(answer is not None)
+        checks["timeout"].append(status == "timeout")
+        checks["error"].append(status == "error")
     checks = {key: torch.tensor(values, dtype=torch.bool) for key, values in checks.items()}
-    rewards = checks["correct"].float() + format_bonus * checks["formatted"].float()
+    rewards = checks["correct"].float() + cfg.format_bonus * checks["formatted"].float()
     return rewards, checks
 
 
@@ -411,37 +380,33 @@ def score_completions(texts, golds, template, format_bonus, timeout):
 
 
 def compute_advantages(rewards, cfg):
-    """Advantages (P, G) float32 and keep (P, G) bool from rewards (P, G), one group per row, so
-    every statistic is over one prompt's G completions (groups built without the prompt degrade
-    to batch normalisation, Search-R1 #88). cfg.advantage:
-
-      group          r_i - mean_g r                            Dr. GRPO; GRPO with std_norm group
-      leave-one-out  r_i - mean_{j!=i} r_j = G/(G-1) (r_i - mean_g r)                       RLOO
-      raw            r_i                                                               REINFORCE
-      best           1 for the first top completion of a group with reward > 0, the rest
-                     dropped                                                                RAFT
-
-    std_norm divides by (std + 1e-6) of the group (DeepSeekMath eq. 3) or of the batch, after
-    centring on the batch mean (REINFORCE++); std is Bessel-corrected. positive_only clamps at 0
-    (GRPO-pos); drop_equal_groups drops the groups whose rewards are all equal (DAPO eq. 11)."""
+    """Advantages (P, G) float32 and keep (P, G) bool from rewards (P, G), a group per row: groups
+    built without the prompt degrade to batch normalisation (Search-R1 #88). std: Bessel's."""
     P, G = rewards.shape
+    # RAFT: 1 for the first top completion of a group with reward > 0, the others dropped.
     if cfg.advantage == "best":
-        best = rewards.argmax(dim=1, keepdim=True)  # (P, 1): the first top completion
+        best = rewards.argmax(dim=1, keepdim=True)  # (P, 1)
         keep = torch.zeros(P, G, dtype=torch.bool).scatter_(1, best, True) & (rewards > 0)
         return keep.float(), keep
     centred = rewards - rewards.mean(dim=1, keepdim=True)  # (P, G)
+    # Dr. GRPO: r_i - mean_g r; GRPO divides it by the group's std next.
     if cfg.advantage == "group":
         advantages = centred
+    # RLOO: r_i - mean_{j != i} r_j, which is G / (G - 1) (r_i - mean_g r).
     elif cfg.advantage == "leave-one-out":
         advantages = centred * G / (G - 1)
-    else:  # raw
+    # REINFORCE: the raw reward, no baseline.
+    else:
         advantages = rewards
+    # GRPO (DeepSeekMath eq. 3): / (std + eps) of the group; REINFORCE++: of the whole batch.
     if cfg.std_norm == "group":
         advantages = advantages / (rewards.std(dim=1, keepdim=True) + STD_EPS)
     elif cfg.std_norm == "batch":
         advantages = (advantages - advantages.mean()) / (advantages.std() + STD_EPS)
+    # GRPO-pos, the RGRA paper's ablation.
     if cfg.positive_only:
         advantages = advantages.clamp(min=0)
+    # DAPO eq. 11: a group whose rewards are all equal teaches nothing.
     keep = torch.ones(P, G, dtype=torch.bool)
     if cfg.drop_equal_groups:
         keep &= has_signal(rewards).unsqueeze(1)
@@ -449,56 +414,46 @@ def compute_advantages(rewards, cfg):
 
 
 def has_signal(rewards):
-    """(P,) bool: the groups of rewards (P, G) whose rewards are not all equal. The others have
-    advantage 0 under every group baseline: no gradient, only a smaller batch."""
+    """(P,) bool: the groups of rewards (P, G) not all equal, the others' advantages being 0."""
     return (rewards != rewards[:, :1]).any(dim=1)
 
 
 # ==== Log-probabilities of the sampled tokens
 
 
-def completion_logprobs(
-    model, prompt_ids, completion_ids, temperature, share_prompt=False, with_entropy=False
-):
-    """log pi(o_t | q, o_<t) of each sampled completion token, from logits / temperature (TRL PR
-    #3029). prompt_ids, completion_ids: lists of m token-id lists (a prompt may repeat across its
-    group). Returns logp (m, Tc) float32, 0 on padding, and with with_entropy also the entropy
-    (m, Tc), without gradient.
-
-    Logits exist for completion positions only: the prompt's full-vocabulary logits dominate
-    memory (TRL #3456). With share_prompt each distinct prompt runs once and its KV cache is
-    indexed out to its completions; gradients flow through the cache, so loss and gradients equal
-    those of the plain path."""
-    prompt, prompt_mask = pad(prompt_ids, model.device, side="left")  # (m, Lp)
-    completion, completion_mask = pad(completion_ids, model.device)  # (m, Tc)
+def completion_logprobs(model, prompts, completions, temperature, share_prompt, entropy=False):
+    """log pi(o_t | q, o_<t) (m, Tc) float32 of each sampled completion token, 0 on padding, from
+    logits / temperature (TRL PR #3029); with entropy, also the entropy (m, Tc), no gradient.
+    prompts, completions: m token-id lists each. Logits exist for completion positions only:
+    the prompt's full-vocabulary logits dominate memory (TRL #3456). With share_prompt each
+    distinct prompt runs once and its KV cache is indexed out to its completions; gradients flow
+    through the cache, so loss and gradients equal those of the plain path."""
+    prompt, prompt_mask = pad(prompts, model.device, side="left")  # (m, Lp)
+    completion, completion_mask = pad(completions, model.device)  # (m, Tc)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (m, Lp + Tc)
     if share_prompt:
-        logits = shared_prompt_logits(model, prompt_ids, prompt, prompt_mask, completion, mask)
+        logits = shared_prompt_logits(model, prompts, prompt, prompt_mask, completion, mask)
     else:
-        positions = (mask.long().cumsum(1) - 1).clamp(min=0)
         logits = model(
             input_ids=torch.cat([prompt, completion], dim=1),
             attention_mask=mask,
-            position_ids=positions,
+            position_ids=positions(mask),
             logits_to_keep=completion.shape[1] + 1,
         ).logits[:, :-1]
     logits = logits.float() / temperature  # (m, Tc, V) fp32
     logz = logits.logsumexp(dim=-1)  # (m, Tc)
     logp = logits.gather(-1, completion.unsqueeze(-1)).squeeze(-1) - logz
     logp = logp * completion_mask
-    if not with_entropy:
+    if not entropy:
         return logp
     with torch.no_grad():
-        entropy = logz - (logits.softmax(dim=-1) * logits).sum(dim=-1)
-    return logp, entropy * completion_mask
+        return logp, (logz - (logits.softmax(dim=-1) * logits).sum(dim=-1)) * completion_mask
 
 
 def pad(sequences, device, side="right"):
     """Token ids (m, longest), 0-padded on `side`, and the (m, longest) mask of the real ones."""
     tensors = [torch.tensor(s, dtype=torch.long) for s in sequences]
-    ids = torch.nn.utils.rnn.pad_sequence(
-        tensors, batch_first=True, padding_value=-1, padding_side=side
-    )
+    ids = torch.nn.utils.rnn.pad_sequence(tensors, True, padding_value=-1, padding_side=side)
     return ids.clamp(min=0).to(device), (ids >= 0).to(device)
 
 
@@ -515,7 +470,7 @@ def shared_prompt_logits(model, prompt_ids, prompt, prompt_mask, completion, mas
     out = model(
         input_ids=prompt[unique],
         attention_mask=unique_mask,
-        position_ids=(unique_mask.long().cumsum(1) - 1).clamp(min=0),
+        position_ids=positions(unique_mask),
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
@@ -523,11 +478,10 @@ def shared_prompt_logits(model, prompt_ids, prompt, prompt_mask, completion, mas
     # (u, ...) -> (m, ...): differentiable indexing.
     cache.batch_select_indices(index)
     steps = torch.arange(completion.shape[1], device=prompt.device)
-    positions = unique_mask.sum(dim=1, keepdim=True)[index] + steps
     rest = model(
         input_ids=completion,
         attention_mask=mask,
-        position_ids=positions,
+        position_ids=unique_mask.sum(dim=1, keepdim=True)[index] + steps,
         past_key_values=cache,
         use_cache=True,
     ).logits
@@ -538,57 +492,48 @@ def shared_prompt_logits(model, prompt_ids, prompt, prompt_mask, completion, mas
 
 
 def token_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
-    """Per-token loss l_it (m, T) float32 before aggregation, and per-token statistics.
-
-    logp (m, T) with grad; old_logp (m, T) = log pi_old, no grad; ref_logp (m, T) = log pi_ref or
-    None; advantages (m,); mask (m, T) bool, the real tokens. cfg.surrogate:
-
-      pg     -A log pi                                        REINFORCE, RGRA
-      clip   -min(s A, clip(s, 1-eps_low, 1+eps_high) A)      PPO, GRPO eq. 3, GSPO eq. 5
-      cispo  -sg(clip(s, 1-eps_low, 1+eps_high)) A log pi     CISPO, MiniMax-M1 eq. 4
-      nll    -log pi                                          RAFT (kept samples only)
-
-    with the ratio s = exp(logp - old_logp) per token, or with cfg.ratio_level "sequence" s_i =
-    exp(mean over the real tokens of o_i of logp - old_logp), the same for all its tokens (GSPO
-    eq. 7). Plus kl_coef * KL_t, KL_t = k1 d | k2 d^2/2 | k3 exp(-d)-1+d with d = logp - ref_logp
-    (k3: DeepSeekMath eq. 4), d clamped to +-20 before exp (large values crash runs, OpenRLHF
-    #525)."""
+    """Per-token loss l_it + kl_coef * KL_t (m, T) float32 (the module docstring's table), and
+    per-token statistics. logp (m, T) with grad; old_logp, ref_logp (m, T) (the latter may be
+    None) without; advantages (m,); mask (m, T) bool, the real tokens."""
     A = advantages.unsqueeze(1)  # (m, 1): one advantage per sequence, on each of its tokens
     log_ratio = logp - old_logp  # (m, T)
+    # GSPO eq. 7: one ratio per sequence, the mean of its tokens' log-ratios (real tokens only).
     if cfg.ratio_level == "sequence":
         log_ratio = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True)
     ratio = torch.exp(log_ratio).expand_as(logp)  # (m, T)
     low = 1 - cfg.eps_low
     high = 1 + cfg.eps_high
-    # Where the clip acts: the low and the high side.
+    # Where the clip acts, on the low and the high side.
     clipped_low = torch.zeros_like(mask)
     clipped_high = torch.zeros_like(mask)
+    # REINFORCE, RGRA: no ratio, no clip.
     if cfg.surrogate == "pg":
         loss = -A * logp
+    # PPO, GRPO eq. 3, GSPO eq. 5. The min keeps the unclipped term, and its gradient, where
+    # clipping would raise the loss.
     elif cfg.surrogate == "clip":
         loss = -torch.min(ratio * A, ratio.clamp(low, high) * A)
-        # The min keeps the unclipped term, and its gradient, where clipping would raise the loss.
         clipped_low = (ratio < low) & (A < 0)
         clipped_high = (ratio > high) & (A > 0)
+    # CISPO, MiniMax-M1 eq. 4: the clipped ratio is a detached weight, so no gradient is lost.
     elif cfg.surrogate == "cispo":
         loss = -ratio.clamp(low, high).detach() * A * logp
         clipped_low = ratio < low
         clipped_high = ratio > high
-    else:  # nll
+    # RAFT: the likelihood of the kept samples.
+    else:
         loss = -logp
-    stats = {
-        "pg_loss": loss.detach(),
-        "ratio_mean": ratio.detach(),
-        "clip_low_frac": clipped_low.float(),
-        "clip_high_frac": clipped_high.float(),
-    }
+    stats = {"pg_loss": loss.detach(), "ratio_mean": ratio.detach()}
+    stats.update(clip_low_frac=clipped_low.float(), clip_high_frac=clipped_high.float())
     if cfg.kl_coef > 0:
+        # d is clamped to +-20 before exp: large values crash runs (OpenRLHF #525).
         d = (logp - ref_logp).clamp(-KL_CLAMP, KL_CLAMP)
         if cfg.kl_estimator == "k1":
             kl = d
         elif cfg.kl_estimator == "k2":
             kl = d.square() / 2
-        else:  # k3
+        # k3, GRPO's (DeepSeekMath eq. 4): exp(-d) - 1 + d >= 0.
+        else:
             kl = torch.exp(-d) - 1 + d
         loss = loss + cfg.kl_coef * kl
         stats["kl"] = kl.detach()
@@ -596,10 +541,9 @@ def token_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
 
 
 def sequence_weights(lengths, loss_agg, max_new_tokens):
-    """Weights (B,) float32: w_i for every token of sequence i, so that sum_{i,t} w_i l_it is the
-    loss of one optimizer step. lengths (B,) are the |o_i| of ALL its sequences, taken before the
-    micro-batch loop, so that 1 or k micro-batches give the same gradient (TRL #2617, OpenRLHF PR
-    #1249)."""
+    """Weights (B,) float32, w_i for each token of sequence i: sum_{i,t} w_i l_it is the loss of one
+    optimizer step. lengths (B,) are the |o_i| of ALL its sequences, so that 1 or k micro-batches
+    give the same gradient (TRL #2617, OpenRLHF PR #1249)."""
     B = len(lengths)
     lengths = lengths.float()
     if loss_agg == "seq-mean-token-mean":
@@ -616,9 +560,8 @@ def sequence_weights(lengths, loss_agg, max_new_tokens):
 
 @dataclasses.dataclass
 class Rollout:
-    """One RL step's rollout batch: N sequences in whole groups of G, prompt-major (sequence i
-    answers prompt i // G). Built once per step (build_rollout); under torchrun every rank holds
-    all of it.
+    """One RL step's rollout (build_rollout), on every rank: N sequences, whole groups of G,
+    prompt-major (sequence i answers prompt i // G).
 
     prompt_ids      N lists of token ids: the prompt of each sequence
     completion_ids  N lists of token ids: the completion, its final EOS included
@@ -641,11 +584,9 @@ class Rollout:
 
 
 def build_rollout(model, ref_model, sampled, cfg):
-    """The Rollout of the groups sampled in one step. sampled: per-sequence prompt_ids,
-    completion_ids, rewards (N,) and truncated (N,), whole groups in order. The first P groups
-    get advantages, or with dynamic sampling the first P whose rewards differ; pi_old's log-probs
-    are computed at mu > 1 and pi_ref's with KL (ref_model, or the policy with its LoRA adapters
-    off), for the kept sequences only."""
+    """The Rollout of a step's sampled groups (prompt_ids, completion_ids, rewards, truncated):
+    advantages for the first P groups (with dynamic sampling, the first P with signal), and for
+    the kept sequences pi_old's log-probs at mu > 1 and pi_ref's with KL."""
     rewards = sampled["rewards"].view(-1, cfg.group_size)  # (groups, G)
     groups = torch.arange(cfg.prompts_per_step)
     if cfg.dynamic_sampling:
@@ -654,44 +595,36 @@ def build_rollout(model, ref_model, sampled, cfg):
     keep = torch.zeros_like(rewards, dtype=torch.bool)
     if len(groups):
         advantages[groups], keep[groups] = compute_advantages(rewards[groups], cfg)
-    keep = keep.flatten()
     # DAPO's overlong filtering.
     if cfg.mask_truncated:
-        keep &= ~sampled["truncated"]
-    keep_idx = keep.nonzero().flatten().tolist()
-    prompt_ids = sampled["prompt_ids"]
-    completion_ids = sampled["completion_ids"]
+        keep &= ~sampled["truncated"].view_as(keep)
+    keep_idx = keep.flatten().nonzero().flatten().tolist()
     old_logp = None
     ref_logp = None
     if cfg.mu > 1:
-        old_logp = frozen_logprobs(model, prompt_ids, completion_ids, keep_idx, cfg)
+        old_logp = frozen_logprobs(model, sampled, keep_idx, cfg)
     if cfg.kl_coef > 0:
-        with lora_disabled():
-            ref_logp = frozen_logprobs(
-                ref_model or model, prompt_ids, completion_ids, keep_idx, cfg
-            )
-    return Rollout(
-        prompt_ids=prompt_ids,
-        completion_ids=completion_ids,
-        rewards=sampled["rewards"],
-        advantages=advantages.flatten(),
-        keep=keep,
-        truncated=sampled["truncated"],
-        old_logp=old_logp,
-        ref_logp=ref_logp,
-    )
+        # Under LoRA the reference model is the policy with its adapters off.
+        LoRALinear.enabled = False
+        ref_logp = frozen_logprobs(ref_model or model, sampled, keep_idx, cfg)
+        LoRALinear.enabled = True
+    fields = {key: sampled[key] for key in ("prompt_ids", "completion_ids", "rewards", "truncated")}
+    fields.update(advantages=advantages.flatten(), keep=keep.flatten(), old_logp=old_logp)
+    fields.update(ref_logp=ref_logp)
+    return Rollout(**fields)
 
 
 @torch.no_grad()
-def frozen_logprobs(model, prompt_ids, completion_ids, idx, cfg):
-    """Log-probs (N, T) float32 of the sampled tokens of the sequences idx under a frozen model
-    (pi_old or pi_ref), T the longest completion; 0 on padding and outside idx. Each rank computes
-    its own groups' rows, and the sum over the ranks fills them all."""
+def frozen_logprobs(model, sequences, idx, cfg):
+    """Log-probs (N, T) float32 under a frozen model (pi_old or pi_ref) of the sequences idx of
+    sequences["prompt_ids"] and ["completion_ids"], 0 elsewhere; T is the longest completion.
+    Each rank computes its own groups' rows; their sum over the ranks fills all of them."""
+    completion_ids = sequences["completion_ids"]
     logps = torch.zeros(len(completion_ids), max(map(len, completion_ids)))
     mine = [i for i in idx if owner(i, len(completion_ids), cfg) == world()[0]]
     for start in range(0, len(mine), cfg.micro_batch_size):
         seqs = mine[start : start + cfg.micro_batch_size]
-        prompts = [prompt_ids[i] for i in seqs]
+        prompts = [sequences["prompt_ids"][i] for i in seqs]
         completions = [completion_ids[i] for i in seqs]
         logp = completion_logprobs(model, prompts, completions, cfg.temperature, cfg.share_prompt)
         logps[seqs, : logp.shape[1]] = logp.cpu()
@@ -703,11 +636,9 @@ TOKEN_STATS = ("kl", "entropy", "ratio_mean", "clip_low_frac", "clip_high_frac")
 
 
 def accumulate_gradients(model, rollout, idx, cfg):
-    """Forward and backward the sequences idx of a rollout (one optimizer step) in micro-batches,
-    adding into .grad. Under torchrun each rank runs the sequences of its own groups, and the
-    gradients and statistics are summed over the ranks once, at the end. Returns the step's
-    statistics: loss and pg_loss as aggregated, the others means over its tokens, and the ratio's
-    min and max."""
+    """Forward and backward the sequences idx (one optimizer step) in micro-batches into .grad; each
+    rank runs its own groups, and gradients and statistics are summed over the ranks at the end.
+    Returns loss and pg_loss as aggregated, the ratio's min and max, the rest as token means."""
     lengths = [len(rollout.completion_ids[i]) for i in idx]
     # The weights belong to the whole optimizer step, on every rank.
     weights = sequence_weights(torch.tensor(lengths), cfg.loss_agg, cfg.max_new_tokens)  # (B,)
@@ -719,18 +650,13 @@ def accumulate_gradients(model, rollout, idx, cfg):
     else:
         mine.sort(key=lambda j: -len(prompts[j]) - lengths[j])
     sums = dict.fromkeys(("loss", "pg_loss", "tokens", *TOKEN_STATS), 0.0)
-    ratio_min = math.inf
-    ratio_max = -math.inf
+    extremes = torch.full((2,), -math.inf)  # the ratio's -min and max, reduced by one max
     for start in range(0, len(mine), cfg.micro_batch_size):
         js = mine[start : start + cfg.micro_batch_size]
         seqs = [idx[j] for j in js]
+        completions = [rollout.completion_ids[i] for i in seqs]
         logp, entropy = completion_logprobs(
-            model,
-            [prompts[j] for j in js],
-            [rollout.completion_ids[i] for i in seqs],
-            cfg.temperature,
-            cfg.share_prompt,
-            with_entropy=True,
+            model, [prompts[j] for j in js], completions, cfg.temperature, cfg.share_prompt, True
         )  # (m, Tc) each
         mask = torch.arange(logp.shape[1]) < torch.tensor([lengths[j] for j in js]).unsqueeze(1)
         mask = mask.to(logp.device)  # (m, Tc)
@@ -752,8 +678,8 @@ def accumulate_gradients(model, rollout, idx, cfg):
         stats["entropy"] = entropy
         for key, value in stats.items():
             sums[key] += value[mask].sum().item()
-        ratio_min = min(ratio_min, stats["ratio_mean"][mask].min().item())
-        ratio_max = max(ratio_max, stats["ratio_mean"][mask].max().item())
+        ratio = stats["ratio_mean"][mask]
+        extremes = torch.maximum(extremes, torch.stack([-ratio.min(), ratio.max()]).cpu())
     if dist.is_initialized():
         # One all-reduce per optimizer step. A sum, not DDP's mean: each rank's loss already
         # carries the whole step's normaliser.
@@ -764,7 +690,7 @@ def accumulate_gradients(model, rollout, idx, cfg):
                 dist.all_reduce(p.grad)
     totals = sum_over_ranks(torch.tensor(list(sums.values()), dtype=torch.float64))
     sums = dict(zip(sums, totals.tolist(), strict=True))
-    low, high = sum_over_ranks(torch.tensor([-ratio_min, ratio_max]), dist.ReduceOp.MAX).tolist()
+    low, high = sum_over_ranks(extremes, dist.ReduceOp.MAX).tolist()
     stats = {key: sums[key] / sums["tokens"] for key in TOKEN_STATS}
     stats.update(loss=sums["loss"], pg_loss=sums["pg_loss"], ratio_min=-low, ratio_max=high)
     stats["clip_frac"] = stats["clip_low_frac"] + stats["clip_high_frac"]
@@ -772,9 +698,8 @@ def accumulate_gradients(model, rollout, idx, cfg):
 
 
 def train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator):
-    """mu = ppo_epochs * mini_batches optimizer steps on the kept sequences of a rollout; a step
-    with a non-finite loss or gradient norm is skipped. Returns the statistics of its optimizer
-    steps (means over the steps) and their count."""
+    """mu = ppo_epochs * mini_batches optimizer steps on a rollout's kept sequences, skipping those
+    with a non-finite loss or gradient norm. Returns their mean statistics and their count."""
     keep_idx = rollout.keep.nonzero().flatten().tolist()
     steps = []
     skipped = 0
@@ -789,8 +714,8 @@ def train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator):
             if not part:
                 continue
             stats = accumulate_gradients(model, rollout, [keep_idx[j] for j in part], cfg)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            stats["grad_norm"] = norm.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            stats["grad_norm"] = grad_norm.item()
             if math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]):
                 optimizer.step()
                 scheduler.step()
@@ -800,9 +725,7 @@ def train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator):
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
             steps.append(stats)
-    means = {}
-    if steps:
-        means = {key: sum(s[key] for s in steps) / len(steps) for key in steps[0]}
+    means = {key: sum(s[key] for s in steps) / len(steps) for key in steps[0]} if steps else {}
     return {**means, "optimizer_steps": len(steps) - skipped, "skipped_steps": skipped}
 
 
@@ -810,45 +733,28 @@ def train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator):
 
 
 def rl_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, cursor, cfg):
-    """One RL step: sample and score the rollout batch, compute advantages, update the policy.
-    cursor is the position of the step's first problem in the data order. Returns the step's
-    metrics over the whole batch, the same on every rank; metrics["cursor"] is the next step's."""
+    """One RL step from position cursor of the data order: sample and score the rollout, compute
+    advantages, update the policy. Returns its metrics (all ranks'), with the next cursor."""
     t0 = time.time()
     rank, world_size = world()
     P = cfg.prompts_per_step
     G = cfg.group_size
     # Every step reseeds, each rank its own way: a resumed run samples what the original would.
     torch.manual_seed((cfg.seed * 1_000_003 + step) * world_size + rank)
-    # DAPO's dynamic sampling (its Algorithm 1): more prompts, the next in the data order, until
-    # the step holds P groups whose rewards differ, or has taken max_refill_rounds more rounds.
-    max_rounds = 1
-    if cfg.dynamic_sampling:
-        max_rounds += cfg.max_refill_rounds
     rounds = []
     time_score = 0.0
-    for _ in range(max_rounds):
+    # DAPO's dynamic sampling (its Algorithm 1): more prompts, the next in the data order, until
+    # the step holds P groups whose rewards differ, or has taken max_refill_rounds more rounds.
+    for _ in range(1 + cfg.max_refill_rounds):
         batch = problems_at(problems, cursor, P, cfg.seed)
         cursor += P
         # Each rank samples its share of the prompts; every rank then holds all the sequences.
         batch = batch[rank * P // world_size : (rank + 1) * P // world_size]
         prompts = [build_prompt(tokenizer, p["question"], cfg.template) for p in batch]
-        stop = STOP_STRINGS.get(cfg.template, [])
-        prompt_ids, completion_ids, texts, truncated = sample(
-            model,
-            tokenizer,
-            prompts,
-            G,
-            cfg.max_new_tokens,
-            cfg.temperature,
-            cfg.top_p,
-            cfg.gen_batch_size,
-            stop,
-        )
+        prompt_ids, completion_ids, texts, truncated = sample(model, tokenizer, prompts, G, cfg)
         t = time.time()
         golds = [p["answer"] for p in batch for _ in range(G)]  # prompt-major, as the completions
-        rewards, checks = score_completions(
-            texts, golds, cfg.template, cfg.format_bonus, cfg.grader_timeout
-        )
+        rewards, checks = score_completions(texts, golds, cfg)
         time_score += time.time() - t
         sequences = {
             "prompt_ids": [prompt_ids[i // G] for i in range(len(completion_ids))],
@@ -864,17 +770,14 @@ def rl_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, c
     t1 = time.time()
     model.train()  # dropout is off (load_policy); train mode enables gradient checkpointing
     rollout = build_rollout(model, ref_model, sampled, cfg)
-    stats = {"optimizer_steps": 0, "skipped_steps": 0}
-    if rollout.keep.any():
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        stats = train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator)
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    stats = train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator)
     t2 = time.time()
     lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
     correct = sampled["correct"]
+    memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak resident, KiB
     if model.device.type == "cuda":
         memory = torch.cuda.max_memory_allocated()
-    else:  # the peak resident memory, in KiB on Linux
-        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "step": step,
         "reward_mean": mean(rollout.rewards),
@@ -906,9 +809,7 @@ def rl_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, c
 
 def mean(values):
     """The mean of a tensor as a float, None if it is empty."""
-    if values.numel() == 0:
-        return None
-    return values.float().mean().item()
+    return values.float().mean().item() if values.numel() else None
 
 
 def main(argv=None):
@@ -925,10 +826,7 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps))
     )
-    start_step = 0
-    cursor = 0
-    if resume_from:
-        start_step, cursor = load_trainer_state(resume_from, model, optimizer, scheduler)
+    start_step, cursor = load_trainer_state(resume_from, model, optimizer, scheduler)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if rank == 0:
         start_log(metrics_path, start_step, cfg)
@@ -968,11 +866,10 @@ def main(argv=None):
 def check_inputs(cfg):
     """The problems and the checkpoint to resume from (or None), once every input is checked: the
     data, the model and the output folder. Bad input exits with status 2, writing nothing."""
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     try:
         problems = load_problems(cfg.train_data, cfg.num_problems, cfg.seed, cfg.skip_bad_rows)
         found = checkpoints(cfg.out_dir)
-        if not cfg.resume and (found or os.path.exists(metrics_path)):
+        if not cfg.resume and (found or os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl"))):
             raise FileExistsError(f"--out-dir {cfg.out_dir} holds a run; pass --resume or another")
         check_model(cfg.model)
     except (DataError, FileExistsError, FileNotFoundError) as e:
@@ -980,19 +877,14 @@ def check_inputs(cfg):
         sys.exit(2)
     if cfg.resume and not found:
         print(f"--resume: no checkpoint in {cfg.out_dir} yet, starting at step 0", file=sys.stderr)
-    if cfg.resume and found:
-        return problems, found[-1]
-    return problems, None
+    return problems, found[-1] if cfg.resume and found else None
 
 
 def load_models(cfg, resume_from):
-    """The policy (from resume_from if given, else cfg.model; under LoRA the base model with its
-    adapters added), the reference model and the tokenizer. The reference model is None without
-    KL, and under LoRA, where it is the policy with its adapters off: no second copy."""
-    name = cfg.model
+    """The policy (from resume_from, else cfg.model; under LoRA with its adapters added), the
+    reference model (None without KL, and under LoRA: the policy, adapters off) and tokenizer."""
     # Under LoRA a resumed run loads the base model; load_trainer_state then loads its adapters.
-    if resume_from and not cfg.lora_rank:
-        name = resume_from
+    name = resume_from if resume_from and not cfg.lora_rank else cfg.model
     dtype = torch.bfloat16 if cfg.bf16_weights else torch.float32
     model, tokenizer = load_policy(name, cfg.device, dtype)
     ref_model = None
@@ -1022,9 +914,7 @@ def start_distributed(cfg):
 
 def world():
     """(rank, world size): (0, 1) in a single process."""
-    if not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def owner(i, num_sequences, cfg):
@@ -1034,16 +924,13 @@ def owner(i, num_sequences, cfg):
     return i // cfg.group_size * world()[1] // num_groups
 
 
-def gather(values):
-    """The ranks' values concatenated in rank order: lists, or dicts of per-sequence lists and
-    tensors (concat). In a single process, values as they are."""
-    if not dist.is_initialized():
-        return values
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, values)
-    if isinstance(values, dict):
-        return concat(parts)
-    return [x for part in parts for x in part]
+def gather(sequences):
+    """The ranks' per-sequence dicts (lists and tensors) concatenated in rank order."""
+    parts = [sequences]
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, sequences)
+    return concat(parts)
 
 
 def concat(parts):
@@ -1081,9 +968,8 @@ HUB_DATASETS = {
 
 
 def read_rows(source, hub=HUB_DATASETS):
-    """[(where, row)] of a JSONL file (where = "path:line") or of a dataset named in hub
-    (where = "repo[i]"). Raises DataError for a missing or empty file, a line that is not JSON, or
-    a hub dataset that does not load."""
+    """[(where, row)] of a JSONL file ("path:line") or of a dataset named in hub ("repo[i]").
+    DataError for a missing or empty file, a line that is not JSON, a hub set that fails to load."""
     if source in hub:
         repo, config, split = hub[source]
         # No `datasets`, offline, refused: one line instead of a stack trace.
@@ -1114,10 +1000,8 @@ def read_rows(source, hub=HUB_DATASETS):
 
 def question_text(row):
     """The problem statement of a row (field question, problem or input), or None."""
-    for key in ("question", "problem", "input"):
-        if isinstance(row.get(key), str) and row[key].strip():
-            return row[key]
-    return None
+    texts = [row[k] for k in ("question", "problem", "input") if isinstance(row.get(k), str)]
+    return next((text for text in texts if text.strip()), None)
 
 
 def gold_answer(row):
@@ -1138,10 +1022,9 @@ def gold_answer(row):
 def load_problems(
     source, num_problems=0, seed=0, skip_bad_rows=False, hub=HUB_DATASETS, gold=gold_answer
 ):
-    """Problems [{"question": str, "answer": str}] of read_rows(source, hub), the answer from
-    gold(row): a seeded random subset of num_problems (0 = all, in file order). DataError names
-    the file, line and field of a row without question or gold answer (skipped and counted with
-    skip_bad_rows), or a source without problems."""
+    """Problems [{"question": str, "answer": str}] of read_rows(source, hub), answers by gold(row):
+    a seeded subset of num_problems (0 = all, in order). DataError names the file, line and field
+    of a row without question or gold answer (skip_bad_rows: skipped), or a source without any."""
     problems = []
     skipped = 0
     for where, row in read_rows(source, hub):
@@ -1161,9 +1044,7 @@ def load_problems(
     if not problems:
         raise DataError(f"{source}: no usable problems ({skipped} rows skipped)")
     if skipped:
-        print(
-            f"skipped {skipped} rows without a question or gold answer in {source}", file=sys.stderr
-        )
+        print(f"skipped {skipped} rows without question or gold answer: {source}", file=sys.stderr)
     if 0 < num_problems < len(problems):
         return random.Random(seed).sample(problems, num_problems)
     return problems
@@ -1198,16 +1079,16 @@ def check_model(name):
         if huggingface_hub.try_to_load_from_cache(name, "config.json") is None:
             huggingface_hub.model_info(name, timeout=10)
     except Exception as e:
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-        message = f"--model {name}: no such file or folder, and not a hub model cached or online"
-        raise FileNotFoundError(f"{message} ({reason})") from None
+        reason = (
+            f"no such file or folder, nor a hub model cached or online ({type(e).__name__}: {e})"
+        )
+        raise FileNotFoundError(f"--model {name}: {reason}".splitlines()[0]) from None
 
 
 def load_policy(name, device, dtype=torch.float32):
-    """(model, tokenizer) from a Hugging Face folder, a hub id or a .gguf file (de-quantized into a
-    plain model, so that save_pretrained writes an ordinary checkpoint). Raises FileNotFoundError
-    (check_model). The tokenizer pads on the left, with EOS if it has no pad token. Dropout is off:
-    log-prob passes would disagree with each other (TRL #3500)."""
+    """(model, tokenizer) from a Hugging Face folder, a hub id or a .gguf file (de-quantized: an
+    ordinary checkpoint is saved), or FileNotFoundError (check_model). The tokenizer pads on the
+    left, EOS if it has no pad. Dropout is off: log-prob passes would disagree (TRL #3500)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model(name)
@@ -1237,12 +1118,11 @@ class LoRALinear(torch.nn.Linear):
     """y = W x + (alpha / r) B A x with W frozen, A (r, in) random and B (out, r) zero: before the
     first update the model is exactly the base model (LoRA, Hu et al. 2021, arXiv 2106.09685)."""
 
-    # One switch for every adapter: lora_disabled() turns them all off.
+    # One switch for every adapter: off, the policy is its base model, the reference model.
     enabled = True
 
     def __init__(self, base, rank, alpha):
-        bias = base.bias is not None
-        super().__init__(base.in_features, base.out_features, bias, device="meta")
+        super().__init__(base.in_features, base.out_features, base.bias is not None, device="meta")
         self.weight = base.weight
         self.bias = base.bias
         self.scale = alpha / rank
@@ -1268,25 +1148,13 @@ def add_lora(model, rank, alpha):
             setattr(model.get_submodule(parent), child, LoRALinear(module, rank, alpha))
 
 
-@contextlib.contextmanager
-def lora_disabled():
-    """Inside the block every LoRA adapter is off: the policy is its base model, the reference."""
-    LoRALinear.enabled = False
-    try:
-        yield
-    finally:
-        LoRALinear.enabled = True
-
-
 def merged_state_dict(model):
     """The model's weights under the base model's names, each adapter merged: W + (alpha/r) B A."""
     merged = {}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            delta = module.scale * (module.lora_B @ module.lora_A)
-            merged[f"{name}.weight"] = module.weight + delta
-    state = model.state_dict()
-    return {k: merged.get(k, v).detach() for k, v in state.items() if "lora_" not in k}
+            merged[f"{name}.weight"] = module.weight + module.scale * module.lora_B @ module.lora_A
+    return {k: merged.get(k, v).detach() for k, v in model.state_dict().items() if "lora_" not in k}
 
 
 # ==== Checkpoints, logs, plots, signals (not RL)
@@ -1299,10 +1167,9 @@ def checkpoints(out_dir):
 
 
 def save_checkpoint(step, cursor, model, tokenizer, optimizer, scheduler, cfg):
-    """Write <out_dir>/step_XXXXXX on rank 0, the other ranks waiting: a Hugging Face checkpoint
-    (LoRA merged) and trainer_state.pt (optimizer, scheduler, LoRA adapters, data cursor: an exact
-    resume), in a temporary folder renamed into place, so that a kill keeps the last checkpoint;
-    then prune to the newest --keep-last."""
+    """Write <out_dir>/step_XXXXXX on rank 0 (the others wait): a Hugging Face checkpoint, LoRA
+    merged, and trainer_state.pt for an exact resume, in a temporary folder renamed into place, so
+    that a kill keeps the last checkpoint; then keep the newest --keep-last."""
     if world()[0] == 0:
         final = os.path.join(cfg.out_dir, f"step_{step:06d}")
         tmp = os.path.join(cfg.out_dir, f".tmp_step_{step:06d}")
@@ -1310,13 +1177,8 @@ def save_checkpoint(step, cursor, model, tokenizer, optimizer, scheduler, cfg):
         model.save_pretrained(tmp, state_dict=merged_state_dict(model))
         tokenizer.save_pretrained(tmp)
         adapters = {k: v for k, v in model.state_dict().items() if k.endswith(("lora_A", "lora_B"))}
-        state = {
-            "step": step,
-            "cursor": cursor,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "adapters": adapters,
-        }
+        state = {"step": step, "cursor": cursor, "adapters": adapters}
+        state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -1332,7 +1194,9 @@ def save_checkpoint(step, cursor, model, tokenizer, optimizer, scheduler, cfg):
 
 def load_trainer_state(folder, model, optimizer, scheduler):
     """Restore optimizer, scheduler and LoRA adapters from a checkpoint folder. Returns its step
-    and its data cursor."""
+    and its data cursor: (0, 0) without a folder, a fresh run."""
+    if folder is None:
+        return 0, 0
     state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=False)
     model.load_state_dict(state["adapters"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
@@ -1342,8 +1206,8 @@ def load_trainer_state(folder, model, optimizer, scheduler):
 
 
 def start_log(metrics_path, start_step, cfg):
-    """Create the run's folder, keep the steps up to start_step of an earlier metrics.jsonl (the
-    later ones run again; the file is replaced atomically), write config.json and print it."""
+    """Create the run's folder, keep an earlier metrics.jsonl's steps up to start_step (the others
+    run again), write config.json and print it."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
@@ -1366,23 +1230,16 @@ def log_metrics(metrics_path, metrics):
 
 
 def plot_metrics(metrics_path, png_path):
-    """Reward and accuracy, the lengths of correct and incorrect completions, KL, entropy and the
-    clip fraction against step, from metrics.jsonl into a PNG."""
+    """Reward, accuracy, lengths, KL, entropy and clip fraction against step, into a PNG."""
     # No pyplot: no GUI backend, no global figure state.
     from matplotlib.figure import Figure
 
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    panels = [
-        ("reward_mean", "accuracy"),
-        ("len_correct", "len_incorrect"),
-        ("kl",),
-        ("entropy",),
-        ("clip_frac",),
-    ]
+    panels = ["reward_mean accuracy", "len_correct len_incorrect", "kl", "entropy", "clip_frac"]
     fig = Figure(figsize=(4 * len(panels), 3.2), layout="tight")
     for ax, keys in zip(fig.subplots(1, len(panels)), panels, strict=True):
-        for key in keys:
+        for key in keys.split():
             shown = [r for r in rows if r.get(key) is not None]
             ax.plot([r["step"] for r in shown], [r[key] for r in shown], label=key)
         ax.set_xlabel("step")
@@ -1391,10 +1248,9 @@ def plot_metrics(metrics_path, png_path):
 
 
 def install_signal_handlers():
-    """SIGINT and SIGTERM set stop["signal"]: the loop saves a checkpoint at the end of the step
-    and exits with status 128 + the signal's number. In one process a second signal aborts at once;
-    under torchrun, which sends its own signal after the terminal's and kills the ranks after its
-    --shutdown-timeout, repeated signals are ignored."""
+    """SIGINT and SIGTERM set stop["signal"]: the loop saves a checkpoint after the step and exits
+    with status 128 + signal. A second signal aborts at once, except under torchrun: it repeats
+    the terminal's signal, and kills the ranks itself after its --shutdown-timeout."""
     stop = {"signal": 0}
 
     def handler(number, frame):
@@ -1402,8 +1258,8 @@ def install_signal_handlers():
             raise KeyboardInterrupt
         if not stop["signal"]:
             stop["signal"] = number
-            name = signal.Signals(number).name
-            os.write(2, f"\n{name}: finishing this step, then saving a checkpoint\n".encode())
+            message = f"\n{signal.Signals(number).name}: finishing this step, then saving\n"
+            os.write(2, message.encode())
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
@@ -1897,10 +1753,10 @@ def _to_sympy(s):
 
 def _worker_loop(conn, parent_end):
     """Receive (pred, gold) on conn and send (equal, status) until EOF: the parent is gone."""
-    # The fork's copy of the parent's end would hide EOF; terminate() must end it, Ctrl-C not.
+    # The fork's copy of the parent's end would hide EOF; terminate() must end the worker.
     parent_end.close()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.setpgrp()  # signals to the trainer's process group (Ctrl-C, torchrun's) spare it
     while True:
         pred, gold = conn.recv()
         try:
@@ -1918,7 +1774,7 @@ class _SympyWorker:
     conn = None
 
     def call(self, pred, gold, timeout):
-        """(equal, status) of _equal(pred, gold) in the worker; (False, "timeout") kills it."""
+        """(equal, status) of _equal(pred, gold) in the worker; a timeout kills it, death errs."""
         with self.lock:
             if self.proc is None or not self.proc.is_alive():
                 self.conn, child = multiprocessing.Pipe()
@@ -1926,9 +1782,12 @@ class _SympyWorker:
                 self.proc = context.Process(target=_worker_loop, args=(child, self.conn))
                 self.proc.daemon = True
                 self.proc.start()
-            self.conn.send((pred, gold))
-            if self.conn.poll(timeout):
-                return self.conn.recv()
+            try:
+                self.conn.send((pred, gold))
+                if self.conn.poll(timeout):
+                    return self.conn.recv()
+            except (EOFError, OSError):
+                return False, "error"
             self.proc.kill()
             self.proc.join()
             return False, "timeout"

@@ -893,11 +893,14 @@ def test_completion_length_stop_string_then_pad_eos(tiny_tokenizer):
     assert rgra.completion_length(tokens, {EOS}, tiny_tokenizer, ["</answer>"]) == 3
 
 
-def sample(model, tokenizer, prompts, n, max_new_tokens, temperature, batch_size=64, stop=()):
-    """rgra.sample with top_p 1: (prompt_ids, completion_ids, texts, truncated)."""
-    return rgra.sample(
-        model, tokenizer, prompts, n, max_new_tokens, temperature, 1.0, batch_size, stop
-    )
+def sample(
+    model, tokenizer, prompts, n, max_new_tokens, temperature, batch_size=64, template="none"
+):
+    """rgra.sample with top_p 1 and the template's stop strings: (prompt_ids, completion_ids,
+    texts, truncated)."""
+    cfg = config(max_new_tokens=max_new_tokens, temperature=temperature, template=template)
+    cfg = dataclasses.replace(cfg, gen_batch_size=batch_size)
+    return rgra.sample(model, tokenizer, prompts, n, cfg)
 
 
 def test_sample_stops_at_eos_with_pad_equal_eos(tiny_tokenizer):
@@ -978,9 +981,8 @@ def test_sample_with_stop_string(tiny_tokenizer):
     bias[EOS] = -1e4
     model = with_output_bias(build_tiny_model("llama", seed=0), bias)
     torch.manual_seed(0)
-    stop = rgra.STOP_STRINGS["r1"]
     _, completion_ids, texts, truncated = sample(
-        model, tiny_tokenizer, ["abc", "de"], 6, 6, 1.0, stop=stop
+        model, tiny_tokenizer, ["abc", "de"], 6, 6, 1.0, template="r1"
     )
     stopped = 0
     for ids, text, cut in zip(completion_ids, texts, truncated, strict=True):
@@ -1027,14 +1029,14 @@ def test_reward_ignores_a_bare_math_span():
     """The training reward needs an answer in the template's format: a cut-off completion whose
     last $...$ restates the question (|(1-i)^8| = 16) must not be rewarded."""
     texts = ["First, $|(1-i)^8|$", "so the answer is \\boxed{16}"]
-    rewards, checks = rgra.score_completions(texts, ["16", "16"], "chat", 0.1, 1.0)
+    rewards, checks = rgra.score_completions(texts, ["16", "16"], config(template="chat"))
     assert sorted(checks) == sorted(CHECKS)
     assert all(checks[key].dtype == torch.bool and checks[key].shape == (2,) for key in CHECKS)
     assert rewards.dtype == torch.float32
     assert checks["correct"].tolist() == [False, True]
     assert rewards.tolist() == pytest.approx([0.0, 1.1])
     r1 = ["<think>ok</think> <answer>16</answer>"]
-    rewards, checks = rgra.score_completions(r1, ["16"], "r1", 0.1, 1.0)
+    rewards, checks = rgra.score_completions(r1, ["16"], config(template="r1"))
     assert checks["correct"].tolist() == [True]
     assert checks["formatted"].tolist() == [True]
     assert rewards.tolist() == pytest.approx([1.1])
@@ -1060,7 +1062,7 @@ FORMAT_CASES = [
 def test_format_bonus_needs_an_answer_in_a_closed_non_empty_box():
     texts = [text for text, _ in FORMAT_CASES]
     expected = [reward for _, reward in FORMAT_CASES]
-    rewards, checks = rgra.score_completions(texts, ["7"] * len(texts), "chat", 0.1, 1.0)
+    rewards, checks = rgra.score_completions(texts, ["7"] * len(texts), config(template="chat"))
     assert rewards.tolist() == pytest.approx(expected, abs=1e-6), list(
         zip(texts, rewards.tolist(), strict=True)
     )
@@ -1073,7 +1075,7 @@ def test_format_bonus_needs_an_answer_in_a_closed_non_empty_box():
         "<think>x</think> <answer></answer>",
         "<answer>7</answer>",
     ]
-    rewards, _ = rgra.score_completions(r1, ["7"] * 3, "r1", 0.1, 1.0)
+    rewards, _ = rgra.score_completions(r1, ["7"] * 3, config(template="r1"))
     # r1's form: <answer> after </think>.
     assert rewards.tolist() == pytest.approx([1.1, 0.0, 1.0])
 
@@ -1087,7 +1089,7 @@ def test_grader_timeouts_and_errors_are_counted(monkeypatch):
     }
     monkeypatch.setattr(rgra, "grade", lambda text, gold, timeout: graded[text])
     texts = list(graded)
-    rewards, checks = rgra.score_completions(texts, ["1"] * 3, "chat", 0.1, 1.0)
+    rewards, checks = rgra.score_completions(texts, ["1"] * 3, config(template="chat"))
     assert rewards.tolist() == pytest.approx([1.1, 0.1, 0.1])
     assert checks["timeout"].tolist() == [False, True, False]
     assert checks["error"].tolist() == [False, False, True]
@@ -1242,8 +1244,8 @@ def test_logprobs_match_full_forward(tiny_model, temperature, share_prompt):
         prompts,
         FIXED_COMPLETIONS,
         temperature,
-        share_prompt=share_prompt,
-        with_entropy=True,
+        share_prompt,
+        entropy=True,
     )
     assert logp.dtype == torch.float32
     assert logp.shape == (len(FIXED_COMPLETIONS), max(map(len, FIXED_COMPLETIONS)))
@@ -1260,9 +1262,7 @@ def test_logprobs_match_full_forward(tiny_model, temperature, share_prompt):
         torch.testing.assert_close(entropy[i, : len(c)], hand_entropy, rtol=1e-4, atol=1e-5)
     # Untempered logits would be wrong at T = 0.7 (trap 3).
     if temperature != 1.0:
-        plain = rgra.completion_logprobs(
-            tiny_model, prompts, FIXED_COMPLETIONS, 1.0, share_prompt=share_prompt
-        )
+        plain = rgra.completion_logprobs(tiny_model, prompts, FIXED_COMPLETIONS, 1.0, share_prompt)
         assert (plain - logp).abs().max() > 1e-3
 
 
@@ -1304,7 +1304,8 @@ def test_frozen_logprobs_fill_the_rows_of_idx(tiny_model, share_prompt):
     )
     idx = [0, 2, 3, 6]
     prompts = fixed_prompts()
-    logp = rgra.frozen_logprobs(tiny_model, prompts, FIXED_COMPLETIONS, idx, cfg)
+    sequences = {"prompt_ids": prompts, "completion_ids": FIXED_COMPLETIONS}
+    logp = rgra.frozen_logprobs(tiny_model, sequences, idx, cfg)
     assert logp.shape == (len(FIXED_COMPLETIONS), max(map(len, FIXED_COMPLETIONS)))
     assert not logp.requires_grad
     for i, (p, c) in enumerate(zip(prompts, FIXED_COMPLETIONS, strict=True)):
@@ -1383,7 +1384,7 @@ def surrogate_grads(model, cfg, advantages, old_shift=None, ref_shift=0.3):
     with old_logp = logp.detach() + old_shift (a stale pi_old set by hand; token-level checks only,
     the GRPO/RGRA comparisons go through train_on_rollout), and the number of clipped tokens."""
     model.zero_grad(set_to_none=True)
-    logp = rgra.completion_logprobs(model, fixed_prompts(), FIXED_COMPLETIONS, 1.0)
+    logp = rgra.completion_logprobs(model, fixed_prompts(), FIXED_COMPLETIONS, 1.0, False)
     lengths = torch.tensor([len(c) for c in FIXED_COMPLETIONS])
     mask = torch.arange(logp.shape[1]) < lengths.unsqueeze(1)
     old = logp.detach() if old_shift is None else logp.detach() + old_shift
@@ -1777,9 +1778,7 @@ def test_each_epoch_splits_the_kept_sequences_into_mini_batches(
     monkeypatch.setattr(rgra, "accumulate_gradients", recording)
     model = build_tiny_model("llama", seed=0)
     optimizer, scheduler = sgd(model, 0.1)
-    rollout.old_logp = rgra.frozen_logprobs(
-        model, rollout.prompt_ids, rollout.completion_ids, kept, cfg
-    )
+    rollout.old_logp = rgra.frozen_logprobs(model, vars(rollout), kept, cfg)
     generator = torch.Generator().manual_seed(0)
     stats = rgra.train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator)
     assert stats["optimizer_steps"] == len(optimizer.grads) == len(calls) == cfg.mu
@@ -1817,7 +1816,7 @@ def test_ratio_and_clip_statistics_of_an_off_policy_step(algo):
     cfg = dataclasses.replace(cfg, micro_batch_size=3)
     model = build_tiny_model("llama", seed=0)
     rollout = fixed_rollout()
-    logp = rgra.frozen_logprobs(model, rollout.prompt_ids, rollout.completion_ids, ALL, cfg)
+    logp = rgra.frozen_logprobs(model, vars(rollout), ALL, cfg)
     lengths = torch.tensor([len(c) for c in rollout.completion_ids])
     mask = torch.arange(logp.shape[1]) < lengths.unsqueeze(1)
     # Ratios above 1.1 for the first four sequences, below 0.9 for the last three: with
@@ -1957,7 +1956,7 @@ def fake_sampler(tokenizer, replies, truncated=None):
     with an EOS unless truncated[q][k]), prompt-major as rgra.sample's."""
     truncated = truncated or {}
 
-    def fake_sample(model, tok, prompts, n, max_new_tokens, temperature, top_p, batch_size, stop):
+    def fake_sample(model, tok, prompts, n, cfg):
         """rgra.sample's tuple for the replies."""
         texts = [replies[p][k] for p in prompts for k in range(n)]
         cut = [truncated.get(p, [False] * n)[k] for p in prompts for k in range(n)]
@@ -2009,7 +2008,8 @@ def hand_rollout(tokenizer, model, cfg, truncated):
     )
     if cfg.kl_coef > 0:
         idx = keep.nonzero().flatten().tolist()
-        rollout.ref_logp = rgra.frozen_logprobs(model, prompt_ids, completion_ids, idx, cfg)
+        sequences = {"prompt_ids": prompt_ids, "completion_ids": completion_ids}
+        rollout.ref_logp = rgra.frozen_logprobs(model, sequences, idx, cfg)
     return rollout
 
 
@@ -2191,7 +2191,7 @@ def test_rgra_objective_learns_a_toy_task(tiny_tokenizer):
 DYNAMIC_PROBLEMS = [{"question": f"problem {k}", "answer": "1"} for k in range(40)]
 
 
-def dynamic_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, batch, stop):
+def dynamic_sample(model, tokenizer, prompts, n, cfg):
     """rgra.sample's tuple for DYNAMIC_PROBLEMS: \\boxed{1} or \\boxed{2} completions, each
     ending in EOS."""
     texts = []
@@ -2732,7 +2732,7 @@ def test_skip_bad_rows_skips_and_counts(bad_input_dir, tiny_model_dir, monkeypat
     argv = bad_input_args(d, mixed, tiny_model_dir, "out", ["--skip-bad-rows"])
     code, lines = refuse(argv, monkeypatch, capsys)
     assert code == "model loaded", lines
-    assert f"skipped 2 rows without a question or gold answer in {mixed}" in lines
+    assert f"skipped 2 rows without question or gold answer: {mixed}" in lines
     good = {"question": "1+1=?", "answer": "2"}
     assert rgra.load_problems(mixed, skip_bad_rows=True) == [good] * 3
 
@@ -3281,8 +3281,8 @@ def test_load_policy_prepares_model_and_tokenizer(tmp_path, tiny_tokenizer):
     model.train()
     prompt = [[BOS, 10, 11, 12]]
     completion = [[13, 14, 15, EOS]]
-    first = rgra.completion_logprobs(model, prompt, completion, 1.0)
-    second = rgra.completion_logprobs(model, prompt, completion, 1.0)
+    first = rgra.completion_logprobs(model, prompt, completion, 1.0, False)
+    second = rgra.completion_logprobs(model, prompt, completion, 1.0, False)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
@@ -3404,7 +3404,7 @@ def test_lora_trains_only_the_adapters():
 
 
 def test_lora_reference_logprobs_are_the_base_models():
-    """With the adapters off (lora_disabled, what build_rollout uses as pi_ref under LoRA), the
+    """With the adapters off (LoRALinear.enabled False: build_rollout's pi_ref under LoRA), the
     log-probs are the base model's, exactly; with them on they differ, and they are on again
     after."""
     base = build_tiny_model("llama", seed=0)
@@ -3412,11 +3412,12 @@ def test_lora_reference_logprobs_are_the_base_models():
     train_lora(model)
     prompts = fixed_prompts()
     with torch.no_grad():
-        want = rgra.completion_logprobs(base, prompts, FIXED_COMPLETIONS, 1.0)
-        on = rgra.completion_logprobs(model, prompts, FIXED_COMPLETIONS, 1.0)
-        with rgra.lora_disabled():
-            off = rgra.completion_logprobs(model, prompts, FIXED_COMPLETIONS, 1.0)
-        again = rgra.completion_logprobs(model, prompts, FIXED_COMPLETIONS, 1.0)
+        want = rgra.completion_logprobs(base, prompts, FIXED_COMPLETIONS, 1.0, False)
+        on = rgra.completion_logprobs(model, prompts, FIXED_COMPLETIONS, 1.0, False)
+        rgra.LoRALinear.enabled = False
+        off = rgra.completion_logprobs(model, prompts, FIXED_COMPLETIONS, 1.0, False)
+        rgra.LoRALinear.enabled = True
+        again = rgra.completion_logprobs(model, prompts, FIXED_COMPLETIONS, 1.0, False)
     assert torch.equal(off, want)
     assert (on - want).abs().max() > 1e-3
     assert torch.equal(again, on)
@@ -3442,7 +3443,7 @@ def test_bf16_autocast_on_cpu():
     reference = build_tiny_model("llama", seed=REF_SEED).requires_grad_(False)
     prompts = fixed_prompts()
     with torch.no_grad():
-        fp32 = rgra.completion_logprobs(model, prompts, FIXED_COMPLETIONS, 1.0)
+        fp32 = rgra.completion_logprobs(model, prompts, FIXED_COMPLETIONS, 1.0, False)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = rgra.completion_logprobs(
                 model, prompts, FIXED_COMPLETIONS, 1.0, share_prompt=True
@@ -4607,9 +4608,9 @@ def test_eval_grades_prescribed_completions(monkeypatch, tiny_tokenizer, eos_mod
     }
     calls = []
 
-    def fake_sample(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, batch, stop):
+    def fake_sample(model, tokenizer, prompts, n, cfg):
         """rgra.sample's tuple: the replies of each prompt's question, "no idea" truncated."""
-        calls.append((list(prompts), max_new_tokens))
+        calls.append((list(prompts), cfg.max_new_tokens))
         texts = [replies[q][k] for p in prompts for q in replies if q + "\n" in p for k in range(n)]
         completion_ids = [[5] * len(t) for t in texts]
         return [[5]] * len(prompts), completion_ids, texts, [t == "no idea" for t in texts]

@@ -152,7 +152,8 @@ def heldout_accuracy(model_path, problems, cache):
     model, tokenizer = rgra.load_policy(model_path, "cpu")
     prompts = [rgra.build_prompt(tokenizer, p["question"], "chat") for p in problems]
     # Generate calls of 64 prompts, as for every score cached before: padding changes the logits.
-    _, _, texts, _ = rgra.sample(model, tokenizer, prompts, 1, 48, 0.0, 1.0, 64, [])
+    settings = rgra.Config(max_new_tokens=48, temperature=0.0, gen_batch_size=64)
+    _, _, texts, _ = rgra.sample(model, tokenizer, prompts, 1, settings)
     correct = 0
     for text, problem in zip(texts, problems, strict=True):
         correct += rgra.grade(text, problem["answer"], 1.0)[0]
