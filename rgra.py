@@ -179,7 +179,7 @@ def parse_args(argv=None):
     """The command line as a Config. Objective flags left unset take the --algo preset's value.
     Contradictory flags exit with status 2, naming the flag, before anything loads."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[1].strip(),
+        description=__doc__.strip().splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     overridden = set().union(*PRESETS.values())

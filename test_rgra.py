@@ -3032,6 +3032,11 @@ DP_CASES = {
 }
 
 
+# Every statistic a rank logs is the whole batch's: what one process logs.
+DP_METRICS = ("loss", "grad_norm", "kl", "entropy", "clip_frac", "ratio_min", "ratio_max")
+DP_METRICS += ("reward_mean", "kept_frac", "tokens", "cursor", "sampling_rounds")
+
+
 @pytest.mark.parametrize("case", DP_CASES)
 def test_two_ranks_take_the_step_of_one_process(case, monkeypatch):
     """Two ranks, each sampling half the groups, end the step with the weights and the metrics
@@ -3047,7 +3052,7 @@ def test_two_ranks_take_the_step_of_one_process(case, monkeypatch):
     for weights, rank_metrics in on_ranks(one_step, cfg):
         for a, b in zip(weights, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        for key in ("loss", "grad_norm", "kl", "entropy", "clip_frac", "reward_mean", "cursor"):
+        for key in DP_METRICS:
             assert rank_metrics[key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-7), key
 
 

@@ -273,9 +273,7 @@ def main():
             "step. Clip fraction: rgra.py's clip_frac (tokens whose gradient the clip changes), "
             "mean over the optimizer steps; ratio min / max: the extremes of the importance ratio "
             "(per token, or per sequence for GSPO) over the run. At mu = 1 the ratio is 1 and "
-            "nothing is clipped. A run logged by rgra.py before GSPO and CISPO were added has no "
-            "ratio statistics ('-'), and its clip_frac counts under pg the tokens a clip would "
-            "have changed.\n\n"
+            "nothing is clipped.\n\n"
         )
         f.write("| " + " | ".join(header) + " |\n")
         f.write("|---" * len(header) + "|\n")
