@@ -3097,24 +3097,33 @@ def dp_argv(model, data, out_dir, *extra):
     return [*argv, "--out-dir", str(out_dir), *extra]
 
 
-def test_two_rank_run_keeps_the_ranks_identical(dp_model, dp_data, tmp_path):
-    out = tmp_path / "run"
-    argv = dp_argv(dp_model, dp_data, out, "--steps", "2")
-    ranks = on_ranks(trained_on_ranks, argv, join=False)
-    ((step0, weights0),) = ranks[0]
-    ((step1, weights1),) = ranks[1]
-    assert step0 == step1 == 2
-    for a, b in zip(weights0, weights1, strict=True):
-        assert torch.equal(a, b)
-    # One checkpoint, written once, that loads; and it trained.
-    assert [Path(c).name for c in rgra.checkpoints(out)] == ["step_000002"]
+@pytest.fixture(scope="module")
+def dp_run(dp_model, dp_data, tmp_path_factory):
+    """A two-rank run of 3 steps, a checkpoint after each, on forked ranks: its folder and, per
+    rank, the weights it held at each checkpoint."""
+    out = tmp_path_factory.mktemp("dp_run") / "run"
+    argv = dp_argv(dp_model, dp_data, out, "--steps", "3", "--save-every", "1")
+    return out, on_ranks(trained_on_ranks, argv, join=False)
+
+
+def test_two_rank_run_keeps_the_ranks_identical(dp_run):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(out / "step_000002")
-    for a, b in zip(model.parameters(), weights0, strict=True):
-        assert torch.equal(a, b)
+    out, ranks = dp_run
+    # At every checkpoint both ranks hold the same weights, bit for bit.
+    assert [step for step, _ in ranks[0]] == [step for step, _ in ranks[1]] == [1, 2, 3]
+    for (_, weights0), (_, weights1) in zip(ranks[0], ranks[1], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(weights0, weights1, strict=True))
+    # One checkpoint per step, written once, that loads as those weights; and it trained.
+    assert [Path(c).name for c in rgra.checkpoints(out)] == [
+        "step_000001",
+        "step_000002",
+        "step_000003",
+    ]
+    model = AutoModelForCausalLM.from_pretrained(out / "step_000003")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ranks[0][-1][1], strict=True))
     rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["optimizer_steps"] == 2 and r["grad_norm"] > 0 for r in rows)
     start = build_tiny_model()
     pairs = zip(model.parameters(), start.parameters(), strict=True)
@@ -3143,10 +3152,12 @@ def torchrun(model, data, out_dir, *extra):
     )
 
 
-def test_torchrun_killed_and_resumed_matches_the_uninterrupted_run(dp_model, dp_data, tmp_path):
+def test_torchrun_killed_and_resumed_matches_the_uninterrupted_run(
+    dp_model, dp_data, dp_run, tmp_path
+):
+    """torchrun, SIGKILLed (every process of the job) after its first checkpoint and resumed, ends
+    with the weights of the uninterrupted two-rank run (dp_run)."""
     steps = ["--steps", "3", "--save-every", "1"]
-    full = torchrun(dp_model, dp_data, tmp_path / "full", *steps)
-    assert full.wait(timeout=600) == 0, full.communicate()[1][-3000:]
     cut = torchrun(dp_model, dp_data, tmp_path / "cut", *steps)
     first = tmp_path / "cut" / "step_000001" / "trainer_state.pt"
     wait_for(first.exists, cut, "the first checkpoint")
@@ -3156,7 +3167,7 @@ def test_torchrun_killed_and_resumed_matches_the_uninterrupted_run(dp_model, dp_
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr[-3000:]
     assert "resumed from" in stdout
-    want = load_weights(tmp_path / "full" / "step_000003")
+    want = load_weights(dp_run[0] / "step_000003")
     got = load_weights(tmp_path / "cut" / "step_000003")
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7)
@@ -4814,15 +4825,15 @@ def e2e_command(name, out, hf_folder, train_file):
     return nice(argv)
 
 
-def run_two_at_a_time(commands, logs, on_finish):
+def run_two_at_a_time(commands, logs, on_finish, stop):
     """Run the commands ({name: argv}) as child processes in their order, at most two at a time
     (one thread each: two cores), output in logs/<name>.out and .err. Calls on_finish(name,
     returncode) as each ends; one still running after E2E_TIMEOUT seconds is killed (returncode
-    None). Every child is ended on the way out, also when the session is interrupted."""
+    None). Every child is ended on the way out, and at once when the stop event is set."""
     waiting = list(commands)
     running = {}
     try:
-        while waiting or running:
+        while (waiting or running) and not stop.is_set():
             if waiting and len(running) < 2:
                 name = waiting.pop(0)
                 with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
@@ -4868,22 +4879,45 @@ def e2e_result(out, returncode, base_weights, stderr_file):
     return result
 
 
-@pytest.fixture(scope="session")
-def e2e_runs(smollm2_hf, train_file, tmp_path_factory):
-    """Every E2E_RUNS run of `python rgra.py`, started as subprocesses at once (two at a time):
-    {name: e2e_result}. Requested by the first end-to-end test, which waits for all of them."""
+@pytest.fixture(scope="session", autouse=True)
+def e2e_background(request, tmp_path_factory):
+    """The SmolLM2 runs take most of the suite's CPU. When the session holds an end-to-end test,
+    they start at once: a background thread runs them two at a time (nice 5, one thread each),
+    beside the other tests, which use one core, and collects each result as its run ends. Yields
+    the thread and the {name: e2e_result} it fills, or None without end-to-end tests."""
+    if not any("e2e_runs" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    hf_folder = request.getfixturevalue("smollm2_hf")
+    train_file = request.getfixturevalue("train_file")
     root = tmp_path_factory.mktemp("e2e")
-    base_weights = load_weights(smollm2_hf)
-    commands = {name: e2e_command(name, root / name, smollm2_hf, train_file) for name in E2E_RUNS}
+    commands = {name: e2e_command(name, root / name, hf_folder, train_file) for name in E2E_RUNS}
     results = {}
+    stop = threading.Event()
 
-    def finished(name, returncode):
-        """Collect a run's result as soon as it ends."""
-        results[name] = e2e_result(root / name, returncode, base_weights, root / f"{name}.err")
+    def run_all():
+        """Run every command, and read each run's result as soon as it ends."""
+        base_weights = load_weights(hf_folder)
 
-    run_two_at_a_time(commands, root, finished)
-    yield results
+        def finished(name, returncode):
+            results[name] = e2e_result(root / name, returncode, base_weights, root / f"{name}.err")
+
+        run_two_at_a_time(commands, root, finished, stop)
+
+    thread = threading.Thread(target=run_all)
+    thread.start()
+    yield thread, results
+    stop.set()
+    thread.join()
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def e2e_runs(e2e_background):
+    """{name: e2e_result} of every E2E_RUNS run, once the background thread has ended them all."""
+    thread, results = e2e_background
+    thread.join()
+    return results
 
 
 def assert_e2e_step(m, algo, mu):
