@@ -34,6 +34,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -4754,7 +4755,7 @@ E2E_ARGS += ["--micro-batch-size", "8", "--max-new-tokens", "32", "--seed", "43"
 E2E_ARGS += ["--lr", "1e-5", "--device", "cpu", "--steps", "1"]
 # name: (preset, extra flags, from the .gguf file); every run takes 1 step unless its flags say.
 # The LoRA run is also the one straight from the .gguf (each GGUF load costs ~30 s of CPU; the
-# other runs load the HF folder that smollm2_hf de-quantized from the same file); it runs first.
+# other runs load the HF folder that e2e_background de-quantized from the same file).
 E2E_RUNS = {
     "lora": ("rgra", ["--lora-rank", "8", "--steps", "2"], True),
     **{algo: (algo, [], False) for algo in SPEC_PRESETS},
@@ -4805,14 +4806,25 @@ model, tokenizer = rgra.load_policy(sys.argv[2], "cpu")
 model.save_pretrained(sys.argv[3]); tokenizer.save_pretrained(sys.argv[3])"""
 
 
-@pytest.fixture(scope="session")
-def smollm2_hf(tmp_path_factory):
-    """SmolLM2-135M-Instruct de-quantized once into an HF folder by rgra.load_policy, in a child
-    process of one thread (this process stays small)."""
-    folder = tmp_path_factory.mktemp("smollm2-hf")
+def convert_smollm2(folder):
+    """SmolLM2-135M-Instruct de-quantized into an HF folder by rgra.load_policy, in a child
+    process of one thread (this process stays small). Returns the child's stderr if it fails."""
     argv = [sys.executable, "-c", CONVERT, str(REPO), str(smollm2_gguf()), str(folder)]
     proc = subprocess.run(nice(argv), env=ENV, capture_output=True, text=True, timeout=E2E_TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr[-3000:] if proc.returncode else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(e2e_background, tmp_path_factory):
+    """SmolLM2-135M-Instruct as an HF folder: the one e2e_background converts (waiting for it), or
+    one converted here when the session runs no end-to-end test."""
+    if e2e_background is not None:
+        e2e_background.converted.wait()
+        assert e2e_background.conversion_error is None, e2e_background.conversion_error
+        return e2e_background.hf_folder
+    folder = tmp_path_factory.mktemp("smollm2-hf")
+    error = convert_smollm2(folder)
+    assert error is None, error
     return folder
 
 
@@ -4882,42 +4894,52 @@ def e2e_result(out, returncode, base_weights, stderr_file):
 @pytest.fixture(scope="session", autouse=True)
 def e2e_background(request, tmp_path_factory):
     """The SmolLM2 runs take most of the suite's CPU. When the session holds an end-to-end test,
-    they start at once: a background thread runs them two at a time (nice 5, one thread each),
-    beside the other tests, which use one core, and collects each result as its run ends. Yields
-    the thread and the {name: e2e_result} it fills, or None without end-to-end tests."""
+    they start at once: a background thread converts SmolLM2 to an HF folder, then runs them two
+    at a time (nice 5, one thread each) beside the other tests, which use one core, and collects
+    each result as its run ends. Yields its state (the thread, the {name: e2e_result} it fills,
+    the folder and an event set once converted), or None without end-to-end tests."""
     if not any("e2e_runs" in item.fixturenames for item in request.session.items):
         yield None
         return
-    hf_folder = request.getfixturevalue("smollm2_hf")
     train_file = request.getfixturevalue("train_file")
     root = tmp_path_factory.mktemp("e2e")
-    commands = {name: e2e_command(name, root / name, hf_folder, train_file) for name in E2E_RUNS}
-    results = {}
+    state = SimpleNamespace(results={}, converted=threading.Event(), conversion_error=None)
+    state.hf_folder = tmp_path_factory.mktemp("smollm2-hf")
+    commands = {
+        name: e2e_command(name, root / name, state.hf_folder, train_file) for name in E2E_RUNS
+    }
     stop = threading.Event()
 
     def run_all():
-        """Run every command, and read each run's result as soon as it ends."""
-        base_weights = load_weights(hf_folder)
+        """Convert, then run every command, reading each run's result as soon as it ends."""
+        try:
+            state.conversion_error = convert_smollm2(state.hf_folder)
+        finally:
+            state.converted.set()
+        if state.conversion_error is not None:
+            return
+        base_weights = load_weights(state.hf_folder)
 
         def finished(name, returncode):
-            results[name] = e2e_result(root / name, returncode, base_weights, root / f"{name}.err")
+            result = e2e_result(root / name, returncode, base_weights, root / f"{name}.err")
+            state.results[name] = result
 
         run_two_at_a_time(commands, root, finished, stop)
 
-    thread = threading.Thread(target=run_all)
-    thread.start()
-    yield thread, results
+    state.thread = threading.Thread(target=run_all)
+    state.thread.start()
+    yield state
     stop.set()
-    thread.join()
+    state.thread.join()
     shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def e2e_runs(e2e_background):
     """{name: e2e_result} of every E2E_RUNS run, once the background thread has ended them all."""
-    thread, results = e2e_background
-    thread.join()
-    return results
+    e2e_background.thread.join()
+    assert e2e_background.conversion_error is None, e2e_background.conversion_error
+    return e2e_background.results
 
 
 def assert_e2e_step(m, algo, mu):
