@@ -41,9 +41,14 @@ grpo: DeepSeekMath (arXiv 2402.03300) eq. 3-4. dr_grpo: Dr. GRPO (arXiv 2503.207
 (arXiv 2304.06767), top-1. dapo: DAPO (arXiv 2503.14476) eq. 10-11, Algorithm 1. gspo: GSPO (arXiv
 2507.18071) eq. 5-7, sec. 5.1 (with --mini-batches 4). cispo: MiniMax-M1 (arXiv 2506.13585) sec.
 3.1, no lower bound; its upper bound is unpublished: 4, Tinker's CISPO default.
+
+The file follows one RL step: `rl_step` (steps 1-4), then the functions it calls in the order it
+reaches them, then the training loop (`main`). After it, what extends the step (DAPO's refill,
+the shared-prompt forward, more than one GPU), then what is not RL (data, models, logs, grading).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -67,8 +72,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-# ==== Configuration: GRPO's objective, each preset a few overrides of it (the table above)
+# ==== Configuration: every setting a flag; --algo picks the objective's preset (the table above)
 
+# Each preset as its overrides of GRPO's objective, whose values are those of the Config below.
 PRESETS = {
     "grpo": dict(),
     "dr_grpo": dict(std_norm="none", kl_coef=0.0, loss_agg="seq-mean-token-sum-norm"),
@@ -100,21 +106,28 @@ LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm", "se
 TEMPLATES = ("chat", "qwen_math", "r1", "none")
 # Advantages are (r - mean) / (std + STD_EPS); TRL uses 1e-4, verl 1e-6, Dr. GRPO's code 1e-8.
 STD_EPS = 1e-6
-# |log pi_theta - log pi_ref| is clamped before exp, as in verl: k3 overflows otherwise.
-KL_CLAMP = 20.0
+# Log-ratios are clamped to +-LOG_RATIO_CLAMP before exp, as in verl: exp overflows float32 past 88.
+LOG_RATIO_CLAMP = 20.0
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def option(default, help, choices=None, at_least=None):
-    """A Config field with its --help text, its allowed values and its lower bound, if any."""
-    metadata = {"help": help, "choices": choices, "at_least": at_least}
+def option(default, help, choices=None, at_least=None, grpo=None):
+    """A Config field with its --help text, its allowed values and its lower bound, if any. An
+    objective field has default None and grpo, GRPO's value: Config fills it from the preset."""
+    metadata = {"help": help, "choices": choices, "at_least": at_least, "grpo": grpo}
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def objective(grpo, help, choices=None, at_least=None):
+    """An objective field: the --algo preset's value unless given; GRPO's if it is silent."""
+    return option(None, help, choices, at_least, grpo)
 
 
 @dataclasses.dataclass
 class Config:
     """Every setting of a run, each one a flag (prompts_per_step is --prompts-per-step). The
-    objective's fields hold GRPO's values; a preset (--algo) overrides some, a flag any."""
+    objective's fields take the --algo preset's value unless given, from Python as from the
+    command line: Config(algo="gspo", lr=1e-5) is parse_args(["--algo", "gspo", "--lr", "1e-5"])."""
 
     algo: str = option("rgra", "preset of the objective (table in rgra.py)", tuple(PRESETS))
     model: str = option("Qwen/Qwen2.5-1.5B-Instruct", "policy: HF folder, hub id or .gguf file")
@@ -126,26 +139,30 @@ class Config:
     prompts_per_step: int = option(24, "P: prompts per rollout batch", at_least=1)
     group_size: int = option(8, "G: completions sampled per prompt", at_least=1)
     max_new_tokens: int = option(512, "completion budget in tokens (Dr. GRPO's L)", at_least=1)
-    temperature: float = option(1.0, "sampling temperature; log-probs use the same T", at_least=0)
+    temperature: float = option(1.0, "sampling temperature; log-probs use the same T")
     top_p: float = option(1.0, "nucleus sampling threshold, in (0, 1]")
     gen_batch_size: int = option(256, "sequences per generate call", at_least=1)
     format_bonus: float = option(0.1, "reward for a boxed answer (RGRA paper: 0.1)")
     grader_timeout: float = option(1.0, "seconds allowed to grade one answer")
-    # The objective: GRPO's values here, a preset's (PRESETS) unless the flag is given.
-    advantage: str = option("group", "baseline", ("group", "leave-one-out", "raw", "best"))
-    std_norm: str = option("group", "divide advantages by the std of", ("group", "batch", "none"))
-    positive_only: bool = option(False, "clamp advantages at 0 (GRPO-pos)")
-    surrogate: str = option("clip", "per-token surrogate", ("pg", "clip", "cispo", "nll"))
-    ratio_level: str = option("token", "per token, or per sequence (GSPO)", ("token", "sequence"))
-    eps_low: float = option(0.2, "clip range below 1, in [0, 1]")
-    eps_high: float = option(0.2, "clip range above 1", at_least=0)
-    kl_coef: float = option(0.04, "beta: weight of KL(policy || reference model)", at_least=0)
+    # The objective: the preset's values (GRPO's where it is silent) unless the flag is given.
+    advantage: str = objective("group", "baseline", ("group", "leave-one-out", "raw", "best"))
+    std_norm: str = objective(
+        "group", "divide advantages by the std of", ("group", "batch", "none")
+    )
+    positive_only: bool = objective(False, "clamp advantages at 0 (GRPO-pos)")
+    surrogate: str = objective("clip", "per-token surrogate", ("pg", "clip", "cispo", "nll"))
+    ratio_level: str = objective("token", "per token, or sequence (GSPO)", ("token", "sequence"))
+    eps_low: float = objective(0.2, "clip range below 1, in [0, 1]")
+    eps_high: float = objective(0.2, "clip range above 1", at_least=0)
+    kl_coef: float = objective(0.04, "beta: weight of KL(policy || reference model)", at_least=0)
     kl_estimator: str = option("k3", "per-token KL estimator", ("k1", "k2", "k3"))
-    loss_agg: str = option("seq-mean-token-mean", "loss aggregation", LOSS_AGGS)
-    drop_equal_groups: bool = option(False, "drop groups whose rewards are all equal")
-    dynamic_sampling: bool = option(False, "refill the dropped groups with new prompts (DAPO)")
+    loss_agg: str = objective("seq-mean-token-mean", "loss aggregation", LOSS_AGGS)
+    drop_equal_groups: bool = objective(False, "drop groups whose rewards are all equal")
+    dynamic_sampling: bool = objective(False, "refill the dropped groups with new prompts (DAPO)")
     max_refill_rounds: int = option(10, "at most this many extra rounds to refill", at_least=0)
-    mask_truncated: bool = option(False, "drop completions cut by --max-new-tokens from the loss")
+    mask_truncated: bool = objective(
+        False, "drop completions cut by --max-new-tokens from the loss"
+    )
     # The update.
     steps: int = option(0, "rollout steps (0 = one pass over the problems)", at_least=0)
     ppo_epochs: int = option(1, "passes over each rollout batch", at_least=1)
@@ -157,8 +174,10 @@ class Config:
     max_grad_norm: float = option(1.0, "gradient clipping threshold")
     lora_rank: int = option(0, "train LoRA adapters of this rank (0: all weights)", at_least=0)
     lora_alpha: float = option(32.0, "LoRA adapters are scaled by alpha / rank")
-    share_prompt: bool = option(True, "one prompt forward per group in training")
-    gradient_checkpointing: bool = option(False, "recompute activations; turns --share-prompt off")
+    share_prompt: bool = option(True, "run each prompt once per group, sampling and training")
+    gradient_checkpointing: bool = option(
+        False, "recompute activations; no shared prompt in training"
+    )
     bf16: bool | None = option(None, "bf16 autocast, fp32 weights (default: on CUDA)")
     bf16_weights: bool = option(False, "bf16 weights and optimizer state (lr ~1e-6 rounds away)")
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "cuda or cpu")
@@ -168,6 +187,17 @@ class Config:
     keep_last: int = option(0, "keep only the newest N checkpoints (0 = all)", at_least=0)
     resume: bool = option(False, "continue from the newest checkpoint in --out-dir")
     max_bad_steps: int = option(3, "stop after this many non-finite steps in a row", at_least=1)
+
+    def __post_init__(self):
+        """Fill the objective fields left unset from the preset, and bf16 from the device."""
+        if self.algo not in PRESETS:
+            raise ValueError(f"algo {self.algo!r}: not one of {', '.join(PRESETS)}")
+        for field in dataclasses.fields(self):
+            if field.metadata["grpo"] is not None and getattr(self, field.name) is None:
+                value = PRESETS[self.algo].get(field.name, field.metadata["grpo"])
+                setattr(self, field.name, value)
+        if self.bf16 is None:
+            self.bf16 = self.device.startswith("cuda")
 
     @property
     def mu(self):
@@ -182,105 +212,136 @@ def parse_args(argv=None):
         description=__doc__.strip().splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    overridden = set().union(*PRESETS.values())
     for field in dataclasses.fields(Config):
-        # A flag a preset may set is absent from the parsed namespace unless given.
-        default = argparse.SUPPRESS if field.name in overridden else field.default
         help = field.metadata["help"]
-        if field.name in overridden:
+        default = field.default
+        # An objective flag is absent from the parsed namespace unless given: Config fills it.
+        if field.metadata["grpo"] is not None:
             help += " (default: the preset's)"
+            default = argparse.SUPPRESS
         flag = "--" + field.name.replace("_", "-")
         kwargs = {"type": field.type, "choices": field.metadata["choices"]}
         if field.type in (bool, bool | None):
             kwargs = {"action": argparse.BooleanOptionalAction}
         parser.add_argument(flag, default=default, help=help, **kwargs)
-    given = vars(parser.parse_args(argv))
-    cfg = Config(**{**PRESETS[given["algo"]], **given})
-    if cfg.bf16 is None:
-        cfg.bf16 = cfg.device.startswith("cuda")
-    for field in dataclasses.fields(Config):
-        low = field.metadata["at_least"]
-        if low is not None and getattr(cfg, field.name) < low:
-            parser.error(f"--{field.name.replace('_', '-')} must be at least {low}")
-    check_config(cfg, parser.error)
+    cfg = Config(**vars(parser.parse_args(argv)))
+    try:
+        check_config(cfg)
+    except ValueError as error:
+        parser.error(str(error))
+    if cfg.mu > 1 and cfg.surrogate == "pg":
+        print(f"warning: mu = {cfg.mu}: pg reuses stale samples without a ratio", file=sys.stderr)
+    if cfg.share_prompt and cfg.gradient_checkpointing:
+        print("note: --gradient-checkpointing turns --share-prompt off", file=sys.stderr)
     return cfg
 
 
-def check_config(cfg, error):
-    """Call error(message) for the first contradiction among cfg's settings; warn of odd ones."""
-    needs_group = cfg.advantage in ("group", "leave-one-out") or cfg.std_norm == "group"
-    if needs_group and cfg.group_size < 2:
-        error(f"--group-size {cfg.group_size}: a group baseline needs at least 2 completions")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.prompts_per_step % world_size:
-        error(f"--prompts-per-step {cfg.prompts_per_step}: not divisible by {world_size} ranks")
-    rollout = cfg.prompts_per_step * cfg.group_size
-    if rollout % cfg.mini_batches or rollout // cfg.mini_batches % cfg.micro_batch_size:
-        sizes = f"--mini-batches {cfg.mini_batches} and --micro-batch-size {cfg.micro_batch_size}"
-        error(f"{sizes} must divide the rollout batch of {rollout} sequences evenly")
-    if not 0 <= cfg.eps_low <= 1 or not 0 < cfg.top_p <= 1:
-        error("--eps-low must be in [0, 1] and --top-p in (0, 1]")
-    if cfg.mu > 1 and cfg.temperature == 0:
-        error("--temperature 0 (greedy) has no sampling distribution for the ratio")
-    if cfg.dynamic_sampling and not cfg.drop_equal_groups:
-        error("--dynamic-sampling refills the groups that --drop-equal-groups drops: set both")
-    if cfg.mu > 1 and cfg.surrogate == "pg":
-        print(f"warning: mu = {cfg.mu}: pg reuses stale samples without a ratio", file=sys.stderr)
-    # Hugging Face models drop the KV cache that the shared prompt forward reuses.
-    if cfg.share_prompt and cfg.gradient_checkpointing:
-        print("note: --gradient-checkpointing turns --share-prompt off", file=sys.stderr)
-        cfg.share_prompt = False
+# ==== One RL step: the module docstring's steps 1-4, then each function where the step reaches it
 
 
-# ==== Prompts
+def rl_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, cursor, cfg):
+    """One RL step on the P problems ({"question", "answer"}) at position cursor of the data order;
+    ref_model is pi_ref when kl_coef > 0 (under LoRA None: the policy, adapters off). Returns the
+    step's metrics, all ranks', with the next cursor. ValueError for a bad config (check_step)."""
+    check_step(cfg, ref_model)
+    P = cfg.prompts_per_step
+    G = cfg.group_size
+    start = time.time()
+    # Every step reseeds, each rank its own way: a resumed run samples what the original would.
+    rank, world_size = world()
+    torch.manual_seed((cfg.seed * 1_000_003 + step) * world_size + rank)
 
-BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-# The qwen_math template is the one of Dr. GRPO's evaluation; r1 is DeepSeek-R1-Zero's.
-TEMPLATE_TEXT = {
-    "qwen_math": (
-        "<|im_start|>system\n" + BOXED_INSTRUCTION + "<|im_end|>\n"
-        "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-    ),
-    "r1": (
-        "A conversation between User and Assistant. The User asks a question, and the Assistant "
-        "solves it. The Assistant first thinks about the reasoning process in the mind and then "
-        "provides the User with the answer. The reasoning process is enclosed within <think> "
-        "</think> and answer is enclosed within <answer> </answer> tags, respectively, i.e., "
-        "<think> reasoning process here </think> <answer> answer here </answer>.\nUser: {question}"
-        "\nAssistant: <think>"
-    ),
-    "none": "{question}",
-}
-# What ends a completion besides EOS, per template.
-STOP_STRINGS = {"r1": ["</answer>"]}
+    # 1. rollout and 2. reward: G completions of each of the next P problems, and their rewards.
+    rollout = sample_groups(model, tokenizer, problems_at(problems, cursor, P, cfg.seed), cfg)
+    cursor += P
+    rounds = 1
+    # DAPO's dynamic sampling: more rounds of steps 1 and 2 until P groups have a signal.
+    if cfg.dynamic_sampling:
+        rollout, cursor, rounds = refill_groups(rollout, model, tokenizer, problems, cursor, cfg)
+    sampled = time.time()
+
+    # 3. advantages: one number per completion, from its group's rewards.
+    rewards = rollout.rewards.view(-1, G)  # (groups, G)
+    advantages, keep = compute_advantages(rewards, cfg)
+    # Dynamic sampling sampled more groups than a step trains on: the first P with a signal.
+    if cfg.dynamic_sampling:
+        signal = has_signal(rewards)  # (groups,)
+        keep &= (signal & (signal.cumsum(dim=0) <= P)).unsqueeze(1)
+    # DAPO's overlong filtering: a truncated completion is not judged by an answer it never gave.
+    if cfg.mask_truncated:
+        keep &= ~rollout.truncated.view(-1, G)
+    rollout.advantages = advantages.flatten()
+    rollout.keep = keep.flatten()
+
+    # 4. update: mu optimizer steps on the kept sequences. Those after the first need pi_old's
+    # log-probs (the policy's now), KL pi_ref's: both computed once, before the first update.
+    model.train()  # dropout is off (load_policy); train mode enables gradient checkpointing
+    kept = rollout.keep.nonzero().flatten().tolist()
+    # More than one GPU: each rank needs those of the sequences it trains on, its groups'.
+    mine = rank_sequences(kept, len(rollout.keep), G)
+    if cfg.mu > 1:
+        rollout.old_logp = frozen_logprobs(model, rollout, mine, cfg)
+    if cfg.kl_coef > 0:
+        # Under LoRA pi_ref is the policy without its adapters.
+        with lora_adapters_off():
+            rollout.ref_logp = frozen_logprobs(ref_model or model, rollout, mine, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    stats = train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator)
+
+    metrics = {"step": step, "cursor": cursor, "sampling_rounds": rounds, "mu": cfg.mu}
+    metrics.update(lr=scheduler.get_last_lr()[0], time_rollout=sampled - start)
+    metrics.update(time_train=time.time() - sampled, time_step=time.time() - start)
+    return {**metrics, **stats, **rollout_metrics(rollout, cfg, model)}
 
 
-def build_prompt(tokenizer, question, template):
-    """The prompt text of one question. chat: the tokenizer's chat template, with the question and
-    BOXED_INSTRUCTION as the user's turn; the others fill TEMPLATE_TEXT, with the BOS token if the
-    tokenizer adds one (sample() tokenizes without special tokens)."""
-    if template == "chat":
-        messages = [{"role": "user", "content": question + "\n" + BOXED_INSTRUCTION}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # Not str.format(): \boxed{} has braces.
-    text = TEMPLATE_TEXT[template].replace("{question}", question)
-    bos = tokenizer.bos_token_id
-    if bos is not None and tokenizer("").input_ids[:1] == [bos]:
-        return tokenizer.bos_token + text
-    return text
+def sample_groups(model, tokenizer, batch, cfg):
+    """Steps 1 and 2 for a batch of problems: G completions of each, sampled from the policy as it
+    is (pi_old), and their rewards: their Rollout, sequence i answering problem i // G."""
+    G = cfg.group_size
+    # More than one GPU: each rank samples and grades its share of the problems.
+    mine = rank_share(batch)
+    prompts = [build_prompt(tokenizer, problem["question"], cfg.template) for problem in mine]
+    prompt_ids, completion_ids, texts, truncated = sample(model, tokenizer, prompts, G, cfg)
+    # Each completion against the gold answer of its own problem.
+    golds = [problem["answer"] for problem in mine for _ in range(G)]
+    rewards, checks = score_completions(texts, golds, cfg)
+    rollout = Rollout(
+        prompt_ids=[prompt_ids[i // G] for i in range(len(completion_ids))],
+        completion_ids=completion_ids,
+        truncated=torch.tensor(truncated, dtype=torch.bool),
+        rewards=rewards,
+        checks=checks,
+    )
+    # More than one GPU: every rank gets every rank's sequences.
+    return gather_rollouts(rollout)
 
 
-# ==== Sampling: G completions per prompt, each prompt's KV cache filled once
+@dataclasses.dataclass
+class Rollout:
+    """The N sequences of one RL step, whole groups of G, prompt-major, filled in step by step."""
+
+    # 1. rollout
+    prompt_ids: list  # N token-id lists: each sequence's prompt
+    completion_ids: list  # N token-id lists, each with its final EOS unless truncated
+    truncated: torch.Tensor  # (N,) bool: cut by max_new_tokens
+    # 2. reward
+    rewards: torch.Tensor  # (N,) float32
+    checks: dict = dataclasses.field(default_factory=dict)  # correct, formatted, ...: (N,) bool
+    # 3. advantages
+    advantages: torch.Tensor | None = None  # (N,) float32
+    keep: torch.Tensor | None = None  # (N,) bool: the sequences in the loss
+    # 4. update: log-probs (N, T) float32 of the kept sequences this rank trains on, 0 elsewhere
+    old_logp: torch.Tensor | None = None  # pi_old's, at mu > 1
+    ref_logp: torch.Tensor | None = None  # pi_ref's, with KL
 
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts, n, cfg):
-    """n completions of each prompt (cfg: max_new_tokens, temperature 0 for greedy, top_p,
-    gen_batch_size, template's stop strings), prompt-major: row i * n + k is prompt i's k-th.
-    Returns prompt_ids (P token-id lists), completion_ids (P * n, final EOS included), texts and
-    truncated (P * n bools). A completion ends at its first EOS or stop string, not at the pad id:
-    with pad == eos (Qwen) EOS would never be learned (TRL PR #6357)."""
-    from transformers import DynamicCache, GenerationConfig
+    """n completions of each of P prompts by cfg's max_new_tokens, temperature (0: greedy), top_p,
+    gen_batch_size, template and share_prompt: prompt_ids (P token-id lists), and prompt-major (row
+    i * n + k is prompt i's k-th) completion_ids, texts and truncated (bool). A completion ends at
+    its first EOS or stop string: with pad == eos (Qwen) EOS is never learned (TRL PR #6357)."""
+    from transformers import GenerationConfig
 
     model.eval()
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
@@ -288,46 +349,34 @@ def sample(model, tokenizer, prompts, n, cfg):
     eos = model.generation_config.eos_token_id
     eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
     stop = STOP_STRINGS.get(cfg.template, [])
-    sampling = cfg.temperature > 0
     # Explicit settings: a model's own top_k or repetition_penalty would change pi_old.
     config = GenerationConfig(
-        do_sample=sampling,
-        temperature=cfg.temperature if sampling else None,
-        top_p=cfg.top_p if sampling else None,
-        top_k=0 if sampling else None,
+        do_sample=False,
         max_new_tokens=cfg.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=sorted(eos),
         stop_strings=list(stop) or None,
     )
+    if cfg.temperature > 0:
+        config.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
     completions = []
     truncated = []
     # Whole groups per generate call.
     per_call = max(1, cfg.gen_batch_size // n)
     for start in range(0, len(prompts), per_call):
-        batch = {"input_ids": prompt_ids[start : start + per_call]}
-        batch = tokenizer.pad(batch, return_tensors="pt").to(model.device)
-        ids = batch["input_ids"]  # (p, Lp)
-        mask = batch["attention_mask"]  # (p, Lp)
-        # Each prompt runs once, not once per completion: all but its last token, which generate
-        # runs itself before it samples.
-        cache = DynamicCache(config=model.config)
-        if ids.shape[1] > 1:
-            model(
-                input_ids=ids[:, :-1],
-                attention_mask=mask[:, :-1],
-                position_ids=positions(mask)[:, :-1],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            cache.batch_repeat_interleave(n)
+        ids, mask = pad(prompt_ids[start : start + per_call], model.device, side="left")  # (p, Lp)
+        cache = None
+        # Faster, same completions: each prompt runs once, not once per completion.
+        if cfg.share_prompt:
+            cache = prefill_prompts(model, ids, mask, n)
+        ids = ids.repeat_interleave(n, dim=0)  # (p * n, Lp)
+        mask = mask.repeat_interleave(n, dim=0)
         out = model.generate(
-            input_ids=ids.repeat_interleave(n, 0),
-            attention_mask=mask.repeat_interleave(n, 0),
+            ids,
+            attention_mask=mask,
             past_key_values=cache,
             generation_config=config,
-            tokenizer=tokenizer if stop else None,
+            tokenizer=tokenizer,  # for the stop strings
         )  # (p * n, Lp + new)
         for tokens in out[:, ids.shape[1] :].tolist():
             length = completion_length(tokens, eos, tokenizer, stop)
@@ -338,28 +387,10 @@ def sample(model, tokenizer, prompts, n, cfg):
     return prompt_ids, completions, texts, truncated
 
 
-def positions(mask):
-    """Position ids (m, L) of left-padded rows: 0 at each row's first real token."""
-    return (mask.long().cumsum(1) - 1).clamp(min=0)
-
-
-def completion_length(tokens, eos, tokenizer, stop):
-    """Tokens up to and including the first EOS, or to the end of an earlier stop string (searched
-    before the first EOS only: generate pads a row that stopped on a string, and pad may be EOS)."""
-    n = next((t + 1 for t, token in enumerate(tokens) if token in eos), len(tokens))
-    # Back over the padding, to the shortest prefix that holds the stop string.
-    while stop and n > 1 and any(s in tokenizer.decode(tokens[: n - 1]) for s in stop):
-        n -= 1
-    return n
-
-
-# ==== Reward: 1 for a correct final answer, plus a bonus for answering in the asked form
-
-
 def score_completions(texts, golds, cfg):
-    """Rewards (N,) float32 of N completions against their golds and the checks behind them, (N,)
-    bool each: correct, formatted (an answer in a closed, non-empty \\boxed{}; r1: <think>...
-    </think> <answer>...</answer>), answered, timeout, error (never hidden, verl PR #5635)."""
+    """Rewards (N,) float32 of N completions: 1 for a correct final answer, plus format_bonus for an
+    answer in a closed, non-empty \\boxed{} (r1: <think>...</think> <answer>...</answer>); and the
+    checks, (N,) bool each: correct, formatted, answered, timeout, error (verl PR #5635)."""
     form = r"\\(?:boxed|fbox)\s*\{\s*[^\s}]"
     if cfg.template == "r1":
         form = r"</think>\s*<answer>.*</answer>"
@@ -376,17 +407,16 @@ def score_completions(texts, golds, cfg):
     return rewards, checks
 
 
-# ==== Advantages: one number per completion, from its group's rewards
-
-
 def compute_advantages(rewards, cfg):
-    """Advantages (P, G) float32 and keep (P, G) bool from rewards (P, G), a group per row: groups
-    built without the prompt degrade to batch normalisation (Search-R1 #88). std: Bessel's."""
+    """Advantages (P, G) float32 and keep (P, G) bool, on rewards' device, from rewards (P, G), a
+    group per row: groups built without the prompt degrade to batch normalisation (Search-R1 #88).
+    cfg: a Config, or any object with advantage, std_norm, positive_only, drop_equal_groups.
+    std is Bessel's. Copy with `import torch`, STD_EPS and has_signal."""
     P, G = rewards.shape
     # RAFT: 1 for the first top completion of a group with reward > 0, the others dropped.
     if cfg.advantage == "best":
         best = rewards.argmax(dim=1, keepdim=True)  # (P, 1)
-        keep = torch.zeros(P, G, dtype=torch.bool).scatter_(1, best, True) & (rewards > 0)
+        keep = torch.zeros_like(rewards, dtype=torch.bool).scatter_(1, best, True) & (rewards > 0)
         return keep.float(), keep
     centred = rewards - rewards.mean(dim=1, keepdim=True)  # (P, G)
     # Dr. GRPO: r_i - mean_g r; GRPO divides it by the group's std next.
@@ -403,45 +433,61 @@ def compute_advantages(rewards, cfg):
         advantages = advantages / (rewards.std(dim=1, keepdim=True) + STD_EPS)
     elif cfg.std_norm == "batch":
         advantages = (advantages - advantages.mean()) / (advantages.std() + STD_EPS)
+    # Against its own baseline a group whose rewards are all equal has advantage 0, exactly: the
+    # float32 mean of eight 0.1 is not 0.1, and / (std + eps) turns the residue into -0.0074.
+    signal = has_signal(rewards).unsqueeze(1)  # (P, 1)
+    if cfg.advantage != "raw":
+        advantages = torch.where(signal, advantages, 0.0)
     # GRPO-pos, the RGRA paper's ablation.
     if cfg.positive_only:
         advantages = advantages.clamp(min=0)
     # DAPO eq. 11: a group whose rewards are all equal teaches nothing.
-    keep = torch.ones(P, G, dtype=torch.bool)
+    keep = torch.ones_like(rewards, dtype=torch.bool)
     if cfg.drop_equal_groups:
-        keep &= has_signal(rewards).unsqueeze(1)
+        keep &= signal
     return advantages, keep
 
 
 def has_signal(rewards):
-    """(P,) bool: the groups of rewards (P, G) not all equal, the others' advantages being 0."""
+    """(P,) bool: the groups of rewards (P, G) whose rewards are not all equal."""
     return (rewards != rewards[:, :1]).any(dim=1)
 
 
-# ==== Log-probabilities of the sampled tokens
+@torch.no_grad()
+def frozen_logprobs(model, rollout, idx, cfg):
+    """Log-probs (N, T) float32 of the rollout's sequences idx under a frozen model (pi_old, or
+    pi_ref), 0 in the other rows and on padding; T is the rollout's longest completion."""
+    logps = torch.zeros(len(rollout.completion_ids), max(map(len, rollout.completion_ids)))
+    for start in range(0, len(idx), cfg.micro_batch_size):
+        seqs = idx[start : start + cfg.micro_batch_size]
+        prompts = [rollout.prompt_ids[i] for i in seqs]
+        completions = [rollout.completion_ids[i] for i in seqs]
+        logp = completion_logprobs(model, prompts, completions, cfg.temperature, cfg.share_prompt)
+        logps[seqs, : logp.shape[1]] = logp.cpu()
+    return logps
 
 
 def completion_logprobs(model, prompts, completions, temperature, share_prompt, entropy=False):
-    """log pi(o_t | q, o_<t) (m, Tc) float32 of each sampled completion token, 0 on padding, from
-    logits / temperature (TRL PR #3029); with entropy, also the entropy (m, Tc), no gradient.
-    prompts, completions: m token-id lists each. Logits exist for completion positions only:
-    the prompt's full-vocabulary logits dominate memory (TRL #3456). With share_prompt each
-    distinct prompt runs once and its KV cache is indexed out to its completions; gradients flow
-    through the cache, so loss and gradients equal those of the plain path."""
+    """log pi(o_t | q, o_<t) (m, T) float32 of the m completions' tokens (token-id lists, as the
+    prompts), 0 on padding, from logits / temperature (TRL PR #3029); with entropy, also the
+    entropy (m, T), no gradient. share_prompt: the same, each distinct prompt run once."""
     prompt, prompt_mask = pad(prompts, model.device, side="left")  # (m, Lp)
-    completion, completion_mask = pad(completions, model.device)  # (m, Tc)
-    mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (m, Lp + Tc)
-    if share_prompt:
-        logits = shared_prompt_logits(model, prompts, prompt, prompt_mask, completion, mask)
+    completion, completion_mask = pad(completions, model.device)  # (m, T)
+    # Logits for the completion positions only: the prompt's full-vocabulary logits would dominate
+    # memory (TRL #3456). Position t - 1 predicts token t. Gradient checkpointing drops the KV
+    # cache that the shared prompt forward reuses.
+    if not share_prompt or model.is_activation_checkpointing:
+        ids = torch.cat([prompt, completion], dim=1)  # (m, Lp + T)
+        mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        T = completion.shape[1]
+        out = model(ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=T + 1)
+        logits = out.logits[:, :-1]
     else:
-        logits = model(
-            input_ids=torch.cat([prompt, completion], dim=1),
-            attention_mask=mask,
-            position_ids=positions(mask),
-            logits_to_keep=completion.shape[1] + 1,
-        ).logits[:, :-1]
-    logits = logits.float() / temperature  # (m, Tc, V) fp32
-    logz = logits.logsumexp(dim=-1)  # (m, Tc)
+        logits = shared_prompt_logits(
+            model, prompts, prompt, prompt_mask, completion, completion_mask
+        )
+    logits = logits.float() / temperature  # (m, T, V) fp32
+    logz = logits.logsumexp(dim=-1)  # (m, T)
     logp = logits.gather(-1, completion.unsqueeze(-1)).squeeze(-1) - logz
     logp = logp * completion_mask
     if not entropy:
@@ -450,270 +496,20 @@ def completion_logprobs(model, prompts, completions, temperature, share_prompt, 
         return logp, (logz - (logits.softmax(dim=-1) * logits).sum(dim=-1)) * completion_mask
 
 
-def pad(sequences, device, side="right"):
-    """Token ids (m, longest), 0-padded on `side`, and the (m, longest) mask of the real ones."""
-    tensors = [torch.tensor(s, dtype=torch.long) for s in sequences]
-    ids = torch.nn.utils.rnn.pad_sequence(tensors, True, padding_value=-1, padding_side=side)
-    return ids.clamp(min=0).to(device), (ids >= 0).to(device)
-
-
-def shared_prompt_logits(model, prompt_ids, prompt, prompt_mask, completion, mask):
-    """Logits (m, Tc, V) of the completion positions, running each distinct prompt once."""
-    from transformers import DynamicCache
-
-    keys = [tuple(p) for p in prompt_ids]
-    # The first row of each distinct prompt, and for each row the index of its prompt among them.
-    unique = sorted({keys.index(k) for k in keys})
-    index = torch.tensor([unique.index(keys.index(k)) for k in keys], device=prompt.device)
-    unique_mask = prompt_mask[unique]
-    cache = DynamicCache(config=model.config)
-    out = model(
-        input_ids=prompt[unique],
-        attention_mask=unique_mask,
-        position_ids=positions(unique_mask),
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    # (u, ...) -> (m, ...): differentiable indexing.
-    cache.batch_select_indices(index)
-    steps = torch.arange(completion.shape[1], device=prompt.device)
-    rest = model(
-        input_ids=completion,
-        attention_mask=mask,
-        position_ids=unique_mask.sum(dim=1, keepdim=True)[index] + steps,
-        past_key_values=cache,
-        use_cache=True,
-    ).logits
-    return torch.cat([out.logits[index], rest[:, :-1]], dim=1)
-
-
-# ==== The loss: every variant in one place
-
-
-def token_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
-    """Per-token loss l_it + kl_coef * KL_t (m, T) float32 (the module docstring's table), and
-    per-token statistics. logp (m, T) with grad; old_logp, ref_logp (m, T) (the latter may be
-    None) without; advantages (m,); mask (m, T) bool, the real tokens."""
-    A = advantages.unsqueeze(1)  # (m, 1): one advantage per sequence, on each of its tokens
-    log_ratio = logp - old_logp  # (m, T)
-    # GSPO eq. 7: one ratio per sequence, the mean of its tokens' log-ratios (real tokens only).
-    if cfg.ratio_level == "sequence":
-        log_ratio = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True)
-    ratio = torch.exp(log_ratio).expand_as(logp)  # (m, T)
-    low = 1 - cfg.eps_low
-    high = 1 + cfg.eps_high
-    # Where the clip acts, on the low and the high side.
-    clipped_low = torch.zeros_like(mask)
-    clipped_high = torch.zeros_like(mask)
-    # REINFORCE, RGRA: no ratio, no clip.
-    if cfg.surrogate == "pg":
-        loss = -A * logp
-    # PPO, GRPO eq. 3, GSPO eq. 5. The min keeps the unclipped term, and its gradient, where
-    # clipping would raise the loss.
-    elif cfg.surrogate == "clip":
-        loss = -torch.min(ratio * A, ratio.clamp(low, high) * A)
-        clipped_low = (ratio < low) & (A < 0)
-        clipped_high = (ratio > high) & (A > 0)
-    # CISPO, MiniMax-M1 eq. 4: the clipped ratio is a detached weight, so no gradient is lost.
-    elif cfg.surrogate == "cispo":
-        loss = -ratio.clamp(low, high).detach() * A * logp
-        clipped_low = ratio < low
-        clipped_high = ratio > high
-    # RAFT: the likelihood of the kept samples.
-    else:
-        loss = -logp
-    stats = {"pg_loss": loss.detach(), "ratio_mean": ratio.detach()}
-    stats.update(clip_low_frac=clipped_low.float(), clip_high_frac=clipped_high.float())
-    if cfg.kl_coef > 0:
-        # d is clamped to +-20 before exp: large values crash runs (OpenRLHF #525).
-        d = (logp - ref_logp).clamp(-KL_CLAMP, KL_CLAMP)
-        if cfg.kl_estimator == "k1":
-            kl = d
-        elif cfg.kl_estimator == "k2":
-            kl = d.square() / 2
-        # k3, GRPO's (DeepSeekMath eq. 4): exp(-d) - 1 + d >= 0.
-        else:
-            kl = torch.exp(-d) - 1 + d
-        loss = loss + cfg.kl_coef * kl
-        stats["kl"] = kl.detach()
-    return loss, stats
-
-
-def sequence_weights(lengths, loss_agg, max_new_tokens):
-    """Weights (B,) float32, w_i for each token of sequence i: sum_{i,t} w_i l_it is the loss of one
-    optimizer step. lengths (B,) are the |o_i| of ALL its sequences, so that 1 or k micro-batches
-    give the same gradient (TRL #2617, OpenRLHF PR #1249)."""
-    B = len(lengths)
-    lengths = lengths.float()
-    if loss_agg == "seq-mean-token-mean":
-        return 1.0 / (lengths * B)
-    if loss_agg == "token-mean":
-        return torch.full_like(lengths, 1.0 / lengths.sum())
-    if loss_agg == "seq-mean-token-sum-norm":
-        return torch.full_like(lengths, 1.0 / (max_new_tokens * B))
-    return torch.full_like(lengths, 1.0 / B)  # seq-mean-token-sum
-
-
-# ==== The update: gradient accumulation over micro-batches, mu optimizer steps per rollout batch
-
-
-@dataclasses.dataclass
-class Rollout:
-    """One RL step's rollout (build_rollout), on every rank: N sequences, whole groups of G,
-    prompt-major (sequence i answers prompt i // G).
-
-    prompt_ids      N lists of token ids: the prompt of each sequence
-    completion_ids  N lists of token ids: the completion, its final EOS included
-    rewards         (N,) float32
-    advantages      (N,) float32
-    keep            (N,) bool: the sequences in the loss
-    truncated       (N,) bool: cut by --max-new-tokens
-    old_logp        (N, T) float32: log pi_old of the kept sequences' tokens, None at mu = 1
-    ref_logp        (N, T) float32: log pi_ref of the kept sequences' tokens, None without KL
-    """
-
-    prompt_ids: list
-    completion_ids: list
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    keep: torch.Tensor
-    truncated: torch.Tensor
-    old_logp: torch.Tensor | None = None
-    ref_logp: torch.Tensor | None = None
-
-
-def build_rollout(model, ref_model, sampled, cfg):
-    """The Rollout of a step's sampled groups (prompt_ids, completion_ids, rewards, truncated):
-    advantages for the first P groups (with dynamic sampling, the first P with signal), and for
-    the kept sequences pi_old's log-probs at mu > 1 and pi_ref's with KL."""
-    rewards = sampled["rewards"].view(-1, cfg.group_size)  # (groups, G)
-    groups = torch.arange(cfg.prompts_per_step)
-    if cfg.dynamic_sampling:
-        groups = has_signal(rewards).nonzero().flatten()[: cfg.prompts_per_step]
-    advantages = torch.zeros_like(rewards)
-    keep = torch.zeros_like(rewards, dtype=torch.bool)
-    if len(groups):
-        advantages[groups], keep[groups] = compute_advantages(rewards[groups], cfg)
-    # DAPO's overlong filtering.
-    if cfg.mask_truncated:
-        keep &= ~sampled["truncated"].view_as(keep)
-    keep_idx = keep.flatten().nonzero().flatten().tolist()
-    old_logp = None
-    ref_logp = None
-    if cfg.mu > 1:
-        old_logp = frozen_logprobs(model, sampled, keep_idx, cfg)
-    if cfg.kl_coef > 0:
-        # Under LoRA the reference model is the policy with its adapters off.
-        LoRALinear.enabled = False
-        ref_logp = frozen_logprobs(ref_model or model, sampled, keep_idx, cfg)
-        LoRALinear.enabled = True
-    fields = {key: sampled[key] for key in ("prompt_ids", "completion_ids", "rewards", "truncated")}
-    fields.update(advantages=advantages.flatten(), keep=keep.flatten(), old_logp=old_logp)
-    fields.update(ref_logp=ref_logp)
-    return Rollout(**fields)
-
-
-@torch.no_grad()
-def frozen_logprobs(model, sequences, idx, cfg):
-    """Log-probs (N, T) float32 under a frozen model (pi_old or pi_ref) of the sequences idx of
-    sequences["prompt_ids"] and ["completion_ids"], 0 elsewhere; T is the longest completion.
-    Each rank computes its own groups' rows; their sum over the ranks fills all of them."""
-    completion_ids = sequences["completion_ids"]
-    logps = torch.zeros(len(completion_ids), max(map(len, completion_ids)))
-    mine = [i for i in idx if owner(i, len(completion_ids), cfg) == world()[0]]
-    for start in range(0, len(mine), cfg.micro_batch_size):
-        seqs = mine[start : start + cfg.micro_batch_size]
-        prompts = [sequences["prompt_ids"][i] for i in seqs]
-        completions = [completion_ids[i] for i in seqs]
-        logp = completion_logprobs(model, prompts, completions, cfg.temperature, cfg.share_prompt)
-        logps[seqs, : logp.shape[1]] = logp.cpu()
-    return sum_over_ranks(logps)
-
-
-# The per-token statistics of an optimizer step, logged as means over its tokens.
-TOKEN_STATS = ("kl", "entropy", "ratio_mean", "clip_low_frac", "clip_high_frac")
-
-
-def accumulate_gradients(model, rollout, idx, cfg):
-    """Forward and backward the sequences idx (one optimizer step) in micro-batches into .grad; each
-    rank runs its own groups, and gradients and statistics are summed over the ranks at the end.
-    Returns loss and pg_loss as aggregated, the ratio's min and max, the rest as token means."""
-    lengths = [len(rollout.completion_ids[i]) for i in idx]
-    # The weights belong to the whole optimizer step, on every rank.
-    weights = sequence_weights(torch.tensor(lengths), cfg.loss_agg, cfg.max_new_tokens)  # (B,)
-    mine = [j for j in range(len(idx)) if owner(idx[j], len(rollout.keep), cfg) == world()[0]]
-    # Longest first pads less; with a shared prompt a group stays together: its prompt runs once.
-    prompts = [rollout.prompt_ids[i] for i in idx]
-    if cfg.share_prompt:
-        mine.sort(key=lambda j: (-len(prompts[j]), prompts[j], -lengths[j]))
-    else:
-        mine.sort(key=lambda j: -len(prompts[j]) - lengths[j])
-    sums = dict.fromkeys(("loss", "pg_loss", "tokens", *TOKEN_STATS), 0.0)
-    extremes = torch.full((2,), -math.inf)  # the ratio's -min and max, reduced by one max
-    for start in range(0, len(mine), cfg.micro_batch_size):
-        js = mine[start : start + cfg.micro_batch_size]
-        seqs = [idx[j] for j in js]
-        completions = [rollout.completion_ids[i] for i in seqs]
-        logp, entropy = completion_logprobs(
-            model, [prompts[j] for j in js], completions, cfg.temperature, cfg.share_prompt, True
-        )  # (m, Tc) each
-        mask = torch.arange(logp.shape[1]) < torch.tensor([lengths[j] for j in js]).unsqueeze(1)
-        mask = mask.to(logp.device)  # (m, Tc)
-        # At mu = 1 pi_old is the policy itself: the ratio is exactly 1.
-        old = logp.detach()
-        if rollout.old_logp is not None:
-            old = rollout.old_logp[seqs, : logp.shape[1]].to(logp.device)
-        ref = None
-        if rollout.ref_logp is not None:
-            ref = rollout.ref_logp[seqs, : logp.shape[1]].to(logp.device)
-        advantages = rollout.advantages[seqs].to(logp.device)
-        loss_tok, stats = token_loss(logp, old, ref, advantages, mask, cfg)
-        w = weights[js].to(logp.device).unsqueeze(1) * mask  # (m, Tc)
-        loss = (loss_tok * w).sum()
-        loss.backward()
-        sums["loss"] += loss.item()
-        sums["pg_loss"] += (stats.pop("pg_loss") * w).sum().item()
-        sums["tokens"] += mask.sum().item()
-        stats["entropy"] = entropy
-        for key, value in stats.items():
-            sums[key] += value[mask].sum().item()
-        ratio = stats["ratio_mean"][mask]
-        extremes = torch.maximum(extremes, torch.stack([-ratio.min(), ratio.max()]).cpu())
-    if dist.is_initialized():
-        # One all-reduce per optimizer step. A sum, not DDP's mean: each rank's loss already
-        # carries the whole step's normaliser.
-        for p in model.parameters():
-            if p.requires_grad:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-    totals = sum_over_ranks(torch.tensor(list(sums.values()), dtype=torch.float64))
-    sums = dict(zip(sums, totals.tolist(), strict=True))
-    low, high = sum_over_ranks(extremes, dist.ReduceOp.MAX).tolist()
-    stats = {key: sums[key] / sums["tokens"] for key in TOKEN_STATS}
-    stats.update(loss=sums["loss"], pg_loss=sums["pg_loss"], ratio_min=-low, ratio_max=high)
-    stats["clip_frac"] = stats["clip_low_frac"] + stats["clip_high_frac"]
-    return stats
-
-
 def train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator):
-    """mu = ppo_epochs * mini_batches optimizer steps on a rollout's kept sequences, skipping those
-    with a non-finite loss or gradient norm. Returns their mean statistics and their count."""
-    keep_idx = rollout.keep.nonzero().flatten().tolist()
+    """mu = ppo_epochs x mini_batches optimizer steps on the rollout's kept sequences, mini-batches
+    drawn by generator (alike on every rank), skipping a step whose loss or gradient norm is not
+    finite. Returns the steps' mean statistics, optimizer_steps and skipped_steps."""
+    kept = rollout.keep.nonzero().flatten()  # (K,)
     steps = []
     skipped = 0
     for _ in range(cfg.ppo_epochs):
-        # The same order on every rank: a mini-batch holds the sequences it holds in one process.
-        order = torch.randperm(len(keep_idx), generator=generator).tolist()
-        for k in range(cfg.mini_batches):
-            part = order[
-                k * len(order) // cfg.mini_batches : (k + 1) * len(order) // cfg.mini_batches
-            ]
-            # With fewer kept sequences than mini-batches some are empty.
-            if not part:
+        order = kept[torch.randperm(len(kept), generator=generator)]
+        # With fewer kept sequences than mini-batches some are empty.
+        for part in torch.tensor_split(order, cfg.mini_batches):
+            if len(part) == 0:
                 continue
-            stats = accumulate_gradients(model, rollout, [keep_idx[j] for j in part], cfg)
+            stats = accumulate_gradients(model, rollout, part.tolist(), cfg)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             stats["grad_norm"] = grad_norm.item()
             if math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]):
@@ -729,87 +525,112 @@ def train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator):
     return {**means, "optimizer_steps": len(steps) - skipped, "skipped_steps": skipped}
 
 
-# ==== One RL step, and the training loop
+def accumulate_gradients(model, rollout, idx, cfg):
+    """Forward and backward the rollout's sequences idx (one optimizer step) micro-batch by
+    micro-batch, into .grad: the gradient of step_loss over idx. Returns its statistics."""
+    lengths = torch.tensor([len(rollout.completion_ids[i]) for i in idx])
+    # Each sequence's weight, from the lengths of the whole optimizer step: 1 or k micro-batches
+    # give the same gradient (TRL #2617).
+    weights = torch.zeros(len(rollout.keep))
+    weights[idx] = sequence_weights(lengths, cfg.loss_agg, cfg.max_new_tokens)
+    # More than one GPU: each rank runs its own groups' sequences.
+    mine = rank_sequences(idx, len(rollout.keep), cfg.group_size)
+    # Micro-batches that pad little, each group's sequences together: its prompt then runs once.
+    prompts = rollout.prompt_ids
+    mine.sort(key=lambda i: (-len(prompts[i]), prompts[i], -len(rollout.completion_ids[i])))
+    stats = StepStats()
+    for start in range(0, len(mine), cfg.micro_batch_size):
+        seqs = mine[start : start + cfg.micro_batch_size]
+        completions = [rollout.completion_ids[i] for i in seqs]
+        logp, entropy = completion_logprobs(
+            model, [prompts[i] for i in seqs], completions, cfg.temperature, cfg.share_prompt, True
+        )  # (m, T) each
+        mask = pad(completions, logp.device)[1]  # (m, T)
+        T = logp.shape[1]
+        # At mu = 1 pi_old is the policy itself: the ratio is exactly 1.
+        old_logp = logp.detach()
+        if rollout.old_logp is not None:
+            old_logp = rollout.old_logp[seqs, :T].to(logp.device)
+        ref_logp = None
+        if rollout.ref_logp is not None:
+            ref_logp = rollout.ref_logp[seqs, :T].to(logp.device)
+        advantages = rollout.advantages[seqs].to(logp.device)
+        losses, token_stats = token_loss(logp, old_logp, ref_logp, advantages, mask, cfg)
+        w = weights[seqs].to(logp.device)  # (m,)
+        loss = step_loss(losses, w, mask)
+        loss.backward()
+        stats.add(loss, token_stats, entropy, w, mask, advantages, cfg)
+    # More than one GPU: the gradient is the sum of the ranks' gradients.
+    sum_gradients_over_ranks(model)
+    return stats.result()
 
 
-def rl_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, cursor, cfg):
-    """One RL step from position cursor of the data order: sample and score the rollout, compute
-    advantages, update the policy. Returns its metrics (all ranks'), with the next cursor."""
-    t0 = time.time()
-    rank, world_size = world()
-    P = cfg.prompts_per_step
-    G = cfg.group_size
-    # Every step reseeds, each rank its own way: a resumed run samples what the original would.
-    torch.manual_seed((cfg.seed * 1_000_003 + step) * world_size + rank)
-    rounds = []
-    time_score = 0.0
-    # DAPO's dynamic sampling (its Algorithm 1): more prompts, the next in the data order, until
-    # the step holds P groups whose rewards differ, or has taken max_refill_rounds more rounds.
-    for _ in range(1 + cfg.max_refill_rounds):
-        batch = problems_at(problems, cursor, P, cfg.seed)
-        cursor += P
-        # Each rank samples its share of the prompts; every rank then holds all the sequences.
-        batch = batch[rank * P // world_size : (rank + 1) * P // world_size]
-        prompts = [build_prompt(tokenizer, p["question"], cfg.template) for p in batch]
-        prompt_ids, completion_ids, texts, truncated = sample(model, tokenizer, prompts, G, cfg)
-        t = time.time()
-        golds = [p["answer"] for p in batch for _ in range(G)]  # prompt-major, as the completions
-        rewards, checks = score_completions(texts, golds, cfg)
-        time_score += time.time() - t
-        sequences = {
-            "prompt_ids": [prompt_ids[i // G] for i in range(len(completion_ids))],
-            "completion_ids": completion_ids,
-            "rewards": rewards,
-            "truncated": torch.tensor(truncated),
-            **checks,
-        }
-        rounds.append(gather(sequences))
-        sampled = concat(rounds)
-        if not cfg.dynamic_sampling or has_signal(sampled["rewards"].view(-1, G)).sum() >= P:
-            break
-    t1 = time.time()
-    model.train()  # dropout is off (load_policy); train mode enables gradient checkpointing
-    rollout = build_rollout(model, ref_model, sampled, cfg)
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    stats = train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator)
-    t2 = time.time()
-    lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
-    correct = sampled["correct"]
-    memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak resident, KiB
-    if model.device.type == "cuda":
-        memory = torch.cuda.max_memory_allocated()
-    return {
-        "step": step,
-        "reward_mean": mean(rollout.rewards),
-        "accuracy": mean(correct),
-        "format_rate": mean(sampled["formatted"]),
-        "no_answer_rate": 1 - mean(sampled["answered"]),
-        "grader_timeouts": int(sampled["timeout"].sum()),
-        "grader_errors": int(sampled["error"].sum()),
-        **stats,
-        "len_mean": mean(lengths),
-        "len_correct": mean(lengths[correct]),
-        "len_incorrect": mean(lengths[~correct]),
-        "truncated_frac": mean(rollout.truncated),
-        "kept_frac": rollout.keep.sum().item() / (P * G),
-        "equal_group_frac": mean(~has_signal(rollout.rewards.view(-1, G))),
-        "sampling_rounds": len(rounds),
-        "groups_sampled": len(lengths) // G,
-        "cursor": cursor,
-        "mu": cfg.mu,
-        "tokens": int(lengths.sum()),
-        "lr": scheduler.get_last_lr()[0],
-        "time_generate": t1 - t0 - time_score,
-        "time_score": time_score,
-        "time_train": t2 - t1,
-        "time_step": t2 - t0,
-        "peak_memory_gb": memory / 2**30,
-    }
+def sequence_weights(lengths, loss_agg, max_new_tokens):
+    """Weights (B,) float32, w_i for each token of sequence i: sum_{i,t} w_i l_it is the loss of one
+    optimizer step. lengths (B,) are the |o_i| of ALL its sequences, so that 1 or k micro-batches
+    give the same gradient (TRL #2617, OpenRLHF PR #1249). Copy with `import torch`."""
+    B = len(lengths)
+    lengths = lengths.float()
+    if loss_agg == "seq-mean-token-mean":
+        return 1.0 / (lengths * B)
+    if loss_agg == "token-mean":
+        return torch.ones_like(lengths) / lengths.sum()
+    if loss_agg == "seq-mean-token-sum-norm":
+        return torch.full_like(lengths, 1.0 / (max_new_tokens * B))
+    return torch.full_like(lengths, 1.0 / B)  # seq-mean-token-sum
 
 
-def mean(values):
-    """The mean of a tensor as a float, None if it is empty."""
-    return values.float().mean().item() if values.numel() else None
+def token_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
+    """Per-token loss l_it + kl_coef * KL_t (m, T) float32 (the module docstring's table) and its
+    parts (m, T): pg_loss, ratio, kl. logp (m, T) with grad; old_logp and ref_logp (m, T) (None
+    without KL) without; advantages (m,); mask (m, T) bool, the real tokens. cfg: a Config or an
+    object with surrogate, ratio_level, eps_low, eps_high, kl_coef, kl_estimator. ValueError: KL
+    without ref_logp. Copy with `import torch` and LOG_RATIO_CLAMP."""
+    if cfg.kl_coef > 0 and ref_logp is None:
+        raise ValueError("kl_coef > 0 needs ref_logp, the reference model's log-probs")
+    A = advantages.unsqueeze(1)  # (m, 1): one advantage per sequence, on each of its tokens
+    log_ratio = logp - old_logp  # (m, T)
+    # GSPO eq. 7: one ratio per sequence, the mean of its tokens' log-ratios (real tokens only).
+    if cfg.ratio_level == "sequence":
+        log_ratio = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True)
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).expand_as(logp)
+    # REINFORCE, RGRA: no ratio, no clip.
+    if cfg.surrogate == "pg":
+        loss = -A * logp
+    # PPO, GRPO eq. 3, GSPO eq. 5. The min keeps the unclipped term, and its gradient, where
+    # clipping would raise the loss.
+    elif cfg.surrogate == "clip":
+        loss = -torch.min(ratio * A, ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * A)
+    # CISPO, MiniMax-M1 eq. 4: the clipped ratio is a detached weight, so no gradient is lost.
+    elif cfg.surrogate == "cispo":
+        loss = -ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high).detach() * A * logp
+    # RAFT: the likelihood of the kept samples.
+    else:
+        loss = -logp
+    stats = {"pg_loss": loss.detach(), "ratio": ratio.detach()}
+    if cfg.kl_coef > 0:
+        # d is clamped before exp: large values crash runs (OpenRLHF #525).
+        d = (logp - ref_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        if cfg.kl_estimator == "k1":
+            kl = d
+        elif cfg.kl_estimator == "k2":
+            kl = d.square() / 2
+        # k3, GRPO's (DeepSeekMath eq. 4): exp(-d) - 1 + d >= 0.
+        else:
+            kl = torch.exp(-d) - 1 + d
+        loss = loss + cfg.kl_coef * kl
+        stats["kl"] = kl.detach()
+    return loss, stats
+
+
+def step_loss(losses, weights, mask):
+    """The loss of an optimizer step's sequences: sum over sequences i and their real tokens t of
+    w_i * l_it, a scalar. losses (m, T) float32 (token_loss), weights (m,) (sequence_weights of the
+    whole step), mask (m, T) bool. Summed over micro-batches, the aggregated loss of the step."""
+    return (losses * (weights.unsqueeze(1) * mask)).sum()
+
+
+# ==== The training loop
 
 
 def main(argv=None):
@@ -863,6 +684,223 @@ def main(argv=None):
         print(f"done: {num_steps} steps, last checkpoint {checkpoints(cfg.out_dir)[-1]}")
 
 
+def load_models(cfg, resume_from):
+    """The policy (from resume_from, else cfg.model; under LoRA with its adapters added), the
+    reference model (None without KL, and under LoRA: the policy, adapters off) and tokenizer."""
+    # Under LoRA a resumed run loads the base model; load_trainer_state then loads its adapters.
+    name = resume_from if resume_from and not cfg.lora_rank else cfg.model
+    dtype = torch.bfloat16 if cfg.bf16_weights else torch.float32
+    model, tokenizer = load_policy(name, cfg.device, dtype)
+    ref_model = None
+    if cfg.lora_rank:
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    elif cfg.kl_coef > 0:
+        ref_dtype = torch.bfloat16 if cfg.bf16 else dtype
+        ref_model = load_policy(cfg.model, cfg.device, ref_dtype)[0].requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    return model, ref_model, tokenizer
+
+
+# ==== What extends the step: DAPO's refill, the shared-prompt forward, more than one GPU
+
+
+def refill_groups(rollout, model, tokenizer, problems, cursor, cfg):
+    """DAPO's dynamic sampling (arXiv 2503.14476, Algorithm 1): rounds of steps 1 and 2 on the next
+    P problems, added to the rollout until P of its groups have a signal or max_refill_rounds were
+    added. Returns the rollout, the cursor after it and the number of rounds."""
+    P = cfg.prompts_per_step
+    rounds = [rollout]
+    while len(rounds) <= cfg.max_refill_rounds:
+        if has_signal(rollout.rewards.view(-1, cfg.group_size)).sum() >= P:
+            break
+        batch = problems_at(problems, cursor, P, cfg.seed)
+        cursor += P
+        rounds.append(sample_groups(model, tokenizer, batch, cfg))
+        rollout = concat_rollouts(rounds)
+    return rollout, cursor, len(rounds)
+
+
+def prefill_prompts(model, ids, mask, n):
+    """The KV cache of the prompts ids (p, Lp), left-padded (mask (p, Lp)), all but each one's last
+    token, repeated n times (p * n rows): generate runs only what its cache lacks, so a prompt runs
+    once, not n times. SmolLM2-135M on one CPU thread, 8 prompts x 8, 48 tokens: sampling takes
+    22.7 s of CPU time with it, 29.2 s without."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    if ids.shape[1] > 1:
+        pos = positions(mask)[:, :-1]
+        mask = mask[:, :-1]
+        # The decoder alone: the cache is all that is wanted, no logits.
+        model.base_model(ids[:, :-1], attention_mask=mask, position_ids=pos, past_key_values=cache)
+        cache.batch_repeat_interleave(n)
+    return cache
+
+
+def shared_prompt_logits(model, prompt_ids, prompt, prompt_mask, completion, completion_mask):
+    """completion_logprobs' logits (m, T, V), each distinct prompt run once and its KV cache indexed
+    out to its completions. Gradients flow through the cache: the same loss and gradients."""
+    from transformers import DynamicCache
+
+    # Each row's prompt among the distinct ones, and the first row of each distinct prompt.
+    distinct = {}
+    index = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
+    first = [index.index(k) for k in range(len(distinct))]
+    cache = DynamicCache(config=model.config)
+    out = model(
+        prompt[first],
+        attention_mask=prompt_mask[first],
+        position_ids=positions(prompt_mask[first]),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    # (u, ...) -> (m, ...): differentiable indexing.
+    index = torch.tensor(index, device=prompt.device)
+    cache.batch_select_indices(index)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (m, Lp + T)
+    steps = torch.arange(completion.shape[1], device=prompt.device)
+    position_ids = prompt_mask.sum(dim=1, keepdim=True) + steps  # (m, T)
+    rest = model(completion, attention_mask=mask, position_ids=position_ids, past_key_values=cache)
+    return torch.cat([out.logits[index], rest.logits[:, :-1]], dim=1)
+
+
+# ---- More than one GPU: torchrun starts one process (rank) per GPU, each running this file.
+# Every rank holds the whole rollout; whole groups are split among the ranks for sampling and
+# for the log-prob and backward passes, and the sums over the ranks make the update the same
+# as one process's (TRL #2881, prime-rl #600).
+
+
+def start_distributed(cfg):
+    """Under torchrun: join the process group, NCCL on CUDA with each rank on its LOCAL_RANK's GPU
+    ("cuda" is then that GPU), gloo on CPU. Without torchrun (no WORLD_SIZE) nothing runs."""
+    if "WORLD_SIZE" not in os.environ:
+        return
+    if cfg.device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+
+
+def world():
+    """(rank, world size): (0, 1) in a single process."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def rank_share(batch):
+    """This rank's contiguous share of a list (of problems): the whole list in one process."""
+    rank, world_size = world()
+    return batch[rank * len(batch) // world_size : (rank + 1) * len(batch) // world_size]
+
+
+def rank_sequences(idx, num_sequences, group_size):
+    """The sequences of idx that this rank runs: those of its share of the groups (rank_share)."""
+    groups = rank_share(range(num_sequences // group_size))
+    return [i for i in idx if i // group_size in groups]
+
+
+def gather_rollouts(rollout):
+    """Every rank's Rollout (steps 1 and 2), concatenated in rank order: the same on every rank."""
+    if not dist.is_initialized():
+        return rollout
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rollout)
+    return concat_rollouts(parts)
+
+
+def concat_rollouts(parts):
+    """The sequences of Rollouts (steps 1 and 2 filled in), one after the other."""
+    return Rollout(
+        prompt_ids=[ids for part in parts for ids in part.prompt_ids],
+        completion_ids=[ids for part in parts for ids in part.completion_ids],
+        truncated=torch.cat([part.truncated for part in parts]),
+        rewards=torch.cat([part.rewards for part in parts]),
+        checks={key: torch.cat([part.checks[key] for part in parts]) for key in parts[0].checks},
+    )
+
+
+def sum_gradients_over_ranks(model):
+    """Sum .grad over the ranks, one all-reduce per parameter. A sum, not DDP's mean: each rank's
+    loss already carries the whole step's normaliser."""
+    for p in model.parameters():
+        if p.requires_grad and dist.is_initialized():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
+def sum_over_ranks(tensor, op=dist.ReduceOp.SUM):
+    """tensor summed over the ranks (or reduced by op), on the CPU; as it is in one process."""
+    if not dist.is_initialized():
+        return tensor
+    tensor = tensor.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op)
+    return tensor.cpu()
+
+
+# ==== Token batches (not RL): padding, positions, where a completion ends
+
+
+def pad(sequences, device, side="right"):
+    """Token ids (m, longest), 0-padded on `side`, and the (m, longest) mask of the real ones."""
+    tensors = [torch.tensor(s, dtype=torch.long) for s in sequences]
+    ids = torch.nn.utils.rnn.pad_sequence(tensors, True, padding_value=-1, padding_side=side)
+    return ids.clamp(min=0).to(device), (ids >= 0).to(device)
+
+
+def positions(mask):
+    """Position ids (m, L) of left-padded rows: 0 at each row's first real token."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def completion_length(tokens, eos, tokenizer, stop):
+    """Tokens up to and including the first EOS, or to the end of an earlier stop string (searched
+    before the first EOS only: generate pads a row that stopped on a string, and pad may be EOS)."""
+    n = next((t + 1 for t, token in enumerate(tokens) if token in eos), len(tokens))
+    # Back over the padding, to the shortest prefix that holds the stop string.
+    while stop and n > 1 and any(s in tokenizer.decode(tokens[: n - 1]) for s in stop):
+        n -= 1
+    return n
+
+
+# ==== Checking the inputs (not RL): the flags, the data, the model, the output folder
+
+
+def check_config(cfg):
+    """ValueError naming the flag for the first setting out of range or contradicting another."""
+    for field in dataclasses.fields(cfg):
+        low = field.metadata["at_least"]
+        if low is not None and getattr(cfg, field.name) < low:
+            raise ValueError(f"--{field.name.replace('_', '-')} must be at least {low}")
+    needs_group = cfg.advantage in ("group", "leave-one-out") or cfg.std_norm == "group"
+    if needs_group and cfg.group_size < 2:
+        raise ValueError(f"--group-size {cfg.group_size}: a group baseline needs 2 completions")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.prompts_per_step % world_size:
+        message = f"--prompts-per-step {cfg.prompts_per_step}: not divisible by {world_size} ranks"
+        raise ValueError(message)
+    rollout = cfg.prompts_per_step * cfg.group_size
+    if rollout % cfg.mini_batches or rollout // cfg.mini_batches % cfg.micro_batch_size:
+        sizes = f"--mini-batches {cfg.mini_batches} and --micro-batch-size {cfg.micro_batch_size}"
+        raise ValueError(f"{sizes} must divide the rollout batch of {rollout} sequences evenly")
+    if not 0 <= cfg.eps_low <= 1 or not 0 < cfg.top_p <= 1:
+        raise ValueError("--eps-low must be in [0, 1] and --top-p in (0, 1]")
+    # Log-probs divide the logits by T; greedy decoding has no distribution to train on.
+    if cfg.temperature <= 0:
+        raise ValueError(f"--temperature {cfg.temperature}: log-probs need T > 0 (greedy has none)")
+    if cfg.dynamic_sampling and not cfg.drop_equal_groups:
+        message = "--dynamic-sampling refills the groups that --drop-equal-groups drops: set both"
+        raise ValueError(message)
+
+
+def check_step(cfg, ref_model):
+    """ValueError, naming what is wrong or missing, before rl_step does any work: a config that
+    check_config refuses, or no reference model where KL needs one."""
+    check_config(cfg)
+    if cfg.kl_coef > 0 and ref_model is None and not cfg.lora_rank:
+        raise ValueError("kl_coef > 0 needs ref_model, the reference model (or lora_rank > 0)")
+
+
 def check_inputs(cfg):
     """The problems and the checkpoint to resume from (or None), once every input is checked: the
     data, the model and the output folder. Bad input exits with status 2, writing nothing."""
@@ -880,81 +918,7 @@ def check_inputs(cfg):
     return problems, found[-1] if cfg.resume and found else None
 
 
-def load_models(cfg, resume_from):
-    """The policy (from resume_from, else cfg.model; under LoRA with its adapters added), the
-    reference model (None without KL, and under LoRA: the policy, adapters off) and tokenizer."""
-    # Under LoRA a resumed run loads the base model; load_trainer_state then loads its adapters.
-    name = resume_from if resume_from and not cfg.lora_rank else cfg.model
-    dtype = torch.bfloat16 if cfg.bf16_weights else torch.float32
-    model, tokenizer = load_policy(name, cfg.device, dtype)
-    ref_model = None
-    if cfg.lora_rank:
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha)
-    elif cfg.kl_coef > 0:
-        ref_dtype = torch.bfloat16 if cfg.bf16 else dtype
-        ref_model = load_policy(cfg.model, cfg.device, ref_dtype)[0].requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, ref_model, tokenizer
-
-
-# ==== More than one GPU: torchrun starts one process (rank) per GPU, each running this file
-
-
-def start_distributed(cfg):
-    """Under torchrun: join the process group, NCCL on CUDA with each rank on its LOCAL_RANK's GPU,
-    gloo on CPU. Without torchrun (no WORLD_SIZE) nothing runs: one process, no distributed code."""
-    if "WORLD_SIZE" not in os.environ:
-        return
-    if cfg.device.startswith("cuda"):
-        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(cfg.device)
-    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-
-
-def world():
-    """(rank, world size): (0, 1) in a single process."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def owner(i, num_sequences, cfg):
-    """The rank that runs sequence i of num_sequences in the frozen log-prob passes and in the
-    backward: whole groups, each rank a contiguous share of them."""
-    num_groups = num_sequences // cfg.group_size
-    return i // cfg.group_size * world()[1] // num_groups
-
-
-def gather(sequences):
-    """The ranks' per-sequence dicts (lists and tensors) concatenated in rank order."""
-    parts = [sequences]
-    if dist.is_initialized():
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, sequences)
-    return concat(parts)
-
-
-def concat(parts):
-    """Dicts of per-sequence lists and tensors, concatenated key by key."""
-    out = {}
-    for key, value in parts[0].items():
-        if isinstance(value, torch.Tensor):
-            out[key] = torch.cat([part[key] for part in parts])
-        else:
-            out[key] = [x for part in parts for x in part[key]]
-    return out
-
-
-def sum_over_ranks(tensor, op=dist.ReduceOp.SUM):
-    """tensor summed over the ranks (or reduced by op), on the CPU; as it is in one process."""
-    if not dist.is_initialized():
-        return tensor
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    tensor = tensor.to(device)
-    dist.all_reduce(tensor, op)
-    return tensor.cpu()
-
-
-# ==== Data (not RL): problems with gold answers, from a JSONL file or a hub dataset
+# ==== Data (not RL): problems with gold answers, from a JSONL file or a hub dataset, as prompts
 
 
 class DataError(ValueError):
@@ -1064,6 +1028,44 @@ def problems_at(problems, start, count, seed):
     return out
 
 
+# ---- Prompts: a problem as the model is asked it
+
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+# The qwen_math template is the one of Dr. GRPO's evaluation; r1 is DeepSeek-R1-Zero's.
+TEMPLATE_TEXT = {
+    "qwen_math": (
+        "<|im_start|>system\n" + BOXED_INSTRUCTION + "<|im_end|>\n"
+        "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    ),
+    "r1": (
+        "A conversation between User and Assistant. The User asks a question, and the Assistant "
+        "solves it. The Assistant first thinks about the reasoning process in the mind and then "
+        "provides the User with the answer. The reasoning process is enclosed within <think> "
+        "</think> and answer is enclosed within <answer> </answer> tags, respectively, i.e., "
+        "<think> reasoning process here </think> <answer> answer here </answer>.\nUser: {question}"
+        "\nAssistant: <think>"
+    ),
+    "none": "{question}",
+}
+# What ends a completion besides EOS, per template.
+STOP_STRINGS = {"r1": ["</answer>"]}
+
+
+def build_prompt(tokenizer, question, template):
+    """The prompt text of one question. chat: the tokenizer's chat template, with the question and
+    BOXED_INSTRUCTION as the user's turn; the others fill TEMPLATE_TEXT, with the BOS token if the
+    tokenizer adds one (sample() tokenizes without special tokens)."""
+    if template == "chat":
+        messages = [{"role": "user", "content": question + "\n" + BOXED_INSTRUCTION}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # Not str.format(): \boxed{} has braces.
+    text = TEMPLATE_TEXT[template].replace("{question}", question)
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("").input_ids[:1] == [bos]:
+        return tokenizer.bos_token + text
+    return text
+
+
 # ==== Model loading and LoRA (not RL)
 
 
@@ -1137,6 +1139,17 @@ class LoRALinear(torch.nn.Linear):
         if not LoRALinear.enabled:
             return y
         return y + self.scale * (x @ self.lora_A.t() @ self.lora_B.t())
+
+
+@contextlib.contextmanager
+def lora_adapters_off():
+    """Within the block every LoRA adapter is off: the policy is its base model, the reference
+    model. They are back on after it, even if the block raises."""
+    LoRALinear.enabled = False
+    try:
+        yield
+    finally:
+        LoRALinear.enabled = True
 
 
 def add_lora(model, rank, alpha):
@@ -1227,6 +1240,95 @@ def log_metrics(metrics_path, metrics):
     keys = ("reward_mean", "accuracy", "loss", "kl", "grad_norm", "len_mean")
     shown = [f"{k}={metrics[k]:.4g}" for k in keys if metrics.get(k) is not None]
     tqdm.write(f"step={metrics['step']} " + " ".join(shown))
+
+
+def rollout_metrics(rollout, cfg, model):
+    """What a step's rollout shows of learning: rewards, accuracy, answer form, grader failures,
+    lengths, truncation, the kept and the equal groups, and the peak memory so far (GiB)."""
+    checks = rollout.checks
+    correct = checks["correct"]
+    lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
+    memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak resident, KiB
+    if model.device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated()
+    return {
+        "reward_mean": mean(rollout.rewards),
+        "accuracy": mean(correct),
+        "format_rate": mean(checks["formatted"]),
+        "no_answer_rate": 1 - mean(checks["answered"]),
+        "grader_timeouts": int(checks["timeout"].sum()),
+        "grader_errors": int(checks["error"].sum()),
+        "len_mean": mean(lengths),
+        "len_correct": mean(lengths[correct]),
+        "len_incorrect": mean(lengths[~correct]),
+        "truncated_frac": mean(rollout.truncated),
+        "kept_frac": rollout.keep.sum().item() / (cfg.prompts_per_step * cfg.group_size),
+        "equal_group_frac": mean(~has_signal(rollout.rewards.view(-1, cfg.group_size))),
+        "groups_sampled": len(lengths) // cfg.group_size,
+        "tokens": int(lengths.sum()),
+        "peak_memory_gb": memory / 2**30,
+    }
+
+
+def mean(values):
+    """The mean of a tensor as a float, None if it is empty."""
+    return values.float().mean().item() if values.numel() else None
+
+
+# The per-token statistics of an optimizer step, logged as means over its tokens.
+TOKEN_STATS = ("kl", "entropy", "ratio_mean", "clip_low_frac", "clip_high_frac")
+
+
+def clipped(ratio, advantages, cfg):
+    """Where the clip acts, (m, T) bool on the low and on the high side, of ratios (m, T) and
+    advantages (m,): below 1 - eps_low with A < 0 and above 1 + eps_high with A > 0, the tokens
+    whose gradient the min zeroes; CISPO clips its weight on either side whatever A; pg and nll
+    have no clip."""
+    A = advantages.unsqueeze(1)  # (m, 1)
+    low = ratio < 1 - cfg.eps_low
+    high = ratio > 1 + cfg.eps_high
+    if cfg.surrogate == "clip":
+        low &= A < 0
+        high &= A > 0
+    if cfg.surrogate in ("pg", "nll"):
+        low = torch.zeros_like(low)
+        high = torch.zeros_like(high)
+    return low, high
+
+
+class StepStats:
+    """The statistics of one optimizer step, summed over its micro-batches and over the ranks: the
+    loss and pg_loss as aggregated, the ratio's min and max, the others means over tokens."""
+
+    def __init__(self):
+        self.sums = dict.fromkeys(("loss", "pg_loss", "tokens", *TOKEN_STATS), 0.0)
+        self.extremes = torch.full((2,), -math.inf)  # the ratio's -min and max, reduced by one max
+
+    def add(self, loss, token_stats, entropy, weights, mask, advantages, cfg):
+        """One micro-batch: its step_loss, token_loss's parts, the entropy (m, T), the sequences'
+        weights and advantages (m,), the mask (m, T)."""
+        ratio = token_stats["ratio"]
+        low, high = clipped(ratio, advantages, cfg)
+        values = {"entropy": entropy, "ratio_mean": ratio, "kl": token_stats.get("kl")}
+        values.update(clip_low_frac=low.float(), clip_high_frac=high.float())
+        self.sums["loss"] += loss.item()
+        self.sums["pg_loss"] += step_loss(token_stats["pg_loss"], weights, mask).item()
+        self.sums["tokens"] += mask.sum().item()
+        for key, value in values.items():
+            if value is not None:
+                self.sums[key] += value[mask].sum().item()
+        ratio = ratio[mask]
+        self.extremes = torch.maximum(self.extremes, torch.stack([-ratio.min(), ratio.max()]).cpu())
+
+    def result(self):
+        """The step's statistics, the same on every rank."""
+        totals = sum_over_ranks(torch.tensor(list(self.sums.values()), dtype=torch.float64))
+        sums = dict(zip(self.sums, totals.tolist(), strict=True))
+        low, high = sum_over_ranks(self.extremes, dist.ReduceOp.MAX).tolist()
+        stats = {key: sums[key] / sums["tokens"] for key in TOKEN_STATS}
+        stats.update(loss=sums["loss"], pg_loss=sums["pg_loss"], ratio_min=-low, ratio_max=high)
+        stats["clip_frac"] = stats["clip_low_frac"] + stats["clip_high_frac"]
+        return stats
 
 
 def plot_metrics(metrics_path, png_path):

@@ -13,6 +13,7 @@ repository is read. Checks over every row of the full benchmark files: bench/che
 Run: python -m pytest -q test_rgra.py
 """
 
+import ast
 import copy
 import dataclasses
 import importlib.util
@@ -35,6 +36,7 @@ import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -486,16 +488,50 @@ def fixed_rollout(model=None, temperature=1.0, old_shift=0.0, ref_model=None, se
 
 
 def fixed_sampled(seed=0):
-    """The fixed sequences as rl_step hands them to build_rollout, with seeded random rewards
-    (one group of 7 under ROLLOUT_ARGS), none truncated."""
+    """The fixed sequences as steps 1 and 2 of rl_step leave them (an rgra.Rollout), with seeded
+    random rewards (one group of 7 under ROLLOUT_ARGS), none truncated."""
     g = torch.Generator().manual_seed(seed)
     n = len(FIXED_COMPLETIONS)
-    return {
-        "prompt_ids": fixed_prompts(),
-        "completion_ids": [list(c) for c in FIXED_COMPLETIONS],
-        "rewards": torch.randn(n, generator=g),
-        "truncated": torch.zeros(n, dtype=torch.bool),
-    }
+    return rgra.Rollout(
+        prompt_ids=fixed_prompts(),
+        completion_ids=[list(c) for c in FIXED_COMPLETIONS],
+        truncated=torch.zeros(n, dtype=torch.bool),
+        rewards=torch.randn(n, generator=g),
+    )
+
+
+class NoScheduler:
+    """A stand-in for the scheduler of a step that runs no optimizer step."""
+
+    def get_last_lr(self):
+        """The learning rate: none."""
+        return [0.0]
+
+
+def run_step(model, ref_model, sampled, cfg, optimizer=None, scheduler=None):
+    """rgra.rl_step at step 0 (its mini-batch generator seeded with cfg.seed * 1_000_003) with
+    steps 1 and 2 replaced by `sampled` (an rgra.Rollout of prompt_ids, completion_ids, truncated
+    and rewards): steps 3 and 4 as rl_step runs them; without an optimizer the update itself does
+    not run. Returns the Rollout handed to train_on_rollout and the step's update statistics."""
+    handed = []
+    train = rgra.train_on_rollout
+
+    def recording_train(model, optimizer, scheduler, rollout, cfg, generator):
+        """rgra.train_on_rollout, the rollout recorded; nothing without an optimizer."""
+        handed.append(rollout)
+        if optimizer is None:
+            return {"optimizer_steps": 0, "skipped_steps": 0}
+        return train(model, optimizer, scheduler, rollout, cfg, generator)
+
+    problems = [{"question": "q", "answer": "1"}]
+    with (
+        mock.patch.object(rgra, "sample_groups", lambda *args: sampled),
+        mock.patch.object(rgra, "train_on_rollout", recording_train),
+        mock.patch.object(rgra, "rollout_metrics", lambda *args: {}),
+    ):
+        scheduler = scheduler or NoScheduler()
+        stats = rgra.rl_step(model, ref_model, None, optimizer, scheduler, problems, 0, 0, cfg)
+    return handed[0], stats
 
 
 # One group of the 7 fixed sequences, one micro-batch, no gradient clipping.
@@ -680,16 +716,36 @@ def test_preset_resolves_to_spec_values(algo):
 
 
 def test_presets_are_overrides_of_grpo_defaults():
-    """The Config defaults are GRPO's objective; each preset holds only the fields it changes."""
+    """The objective fields carry GRPO's values; each preset holds only the fields it changes."""
     assert sorted(rgra.PRESETS) == sorted(SPEC_PRESETS)
-    defaults = rgra.Config()
-    assert {key: getattr(defaults, key) for key in SPEC_PRESETS["grpo"]} == SPEC_PRESETS["grpo"]
+    grpo = {f.name: f.metadata["grpo"] for f in dataclasses.fields(rgra.Config)}
+    assert {key: grpo[key] for key in SPEC_PRESETS["grpo"] if key != "kl_estimator"} == {
+        key: value for key, value in SPEC_PRESETS["grpo"].items() if key != "kl_estimator"
+    }
     assert rgra.PRESETS["grpo"] == {}
-    fields = {field.name for field in dataclasses.fields(rgra.Config)}
     for name, preset in rgra.PRESETS.items():
-        assert set(preset) <= fields, name
-        same = [key for key, value in preset.items() if getattr(defaults, key) == value]
+        assert set(preset) <= set(grpo), name
+        same = [key for key, value in preset.items() if grpo[key] == value]
         assert not same, f"{name} repeats GRPO's value of {same}"
+
+
+@pytest.mark.parametrize("algo", sorted(SPEC_PRESETS))
+def test_config_from_python_equals_the_command_line(algo):
+    """Config(algo=...) is parse_args(["--algo", ...]); a field given overrides the preset as its
+    flag does; a bare Config() is the rgra preset."""
+    assert rgra.Config(algo=algo, device="cpu") == rgra.parse_args(
+        ["--algo", algo, "--device", "cpu"]
+    )
+    resolved = rgra.Config(algo=algo)
+    assert {key: getattr(resolved, key) for key in SPEC_PRESETS[algo]} == SPEC_PRESETS[algo]
+    given = rgra.Config(algo=algo, kl_coef=0.5, eps_high=0.3, device="cpu")
+    argv = ["--algo", algo, "--kl-coef", "0.5", "--eps-high", "0.3", "--device", "cpu"]
+    assert given == rgra.parse_args(argv)
+    assert (given.kl_coef, given.eps_high) == (0.5, 0.3)
+    assert rgra.Config() == rgra.Config(algo="rgra")
+    assert rgra.Config().surrogate == "pg"
+    with pytest.raises(ValueError, match="algo 'ppo'"):
+        rgra.Config(algo="ppo")
 
 
 def docstring_preset_table():
@@ -808,18 +864,33 @@ def test_eps_low_may_be_one():
     assert rgra.parse_args(["--algo", "cispo"]).eps_low == 1.0
 
 
-def test_share_prompt_on_by_default_and_off_under_gradient_checkpointing(capsys):
+def test_share_prompt_on_by_default_and_off_under_gradient_checkpointing(capsys, monkeypatch):
+    """--share-prompt is on by default; under gradient checkpointing (which drops the KV cache) a
+    note says it is off in training, the config stays as given, and the update runs the plain
+    forward."""
     capsys.readouterr()
     assert rgra.parse_args(["--device", "cpu"]).share_prompt is True
     assert rgra.parse_args(["--device", "cpu", "--no-share-prompt"]).share_prompt is False
     assert "note:" not in capsys.readouterr().err
     cfg = rgra.parse_args(["--device", "cpu", "--gradient-checkpointing"])
-    assert cfg.share_prompt is False
+    assert cfg.share_prompt is True
     assert cfg.gradient_checkpointing is True
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if line.startswith("note:")]
     assert notes == ["note: --gradient-checkpointing turns --share-prompt off"], err
     assert rgra.parse_args(["--device", "cpu"]).gradient_checkpointing is False
+
+    def no_sharing(*args):
+        raise AssertionError("shared prompt forward under gradient checkpointing")
+
+    monkeypatch.setattr(rgra, "shared_prompt_logits", no_sharing)
+    model = build_tiny_model("llama", seed=0)
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    cfg = config("rgra", ROLLOUT_ARGS, kl_coef=0.0)
+    stats = rgra.accumulate_gradients(model, fixed_rollout(), ALL, cfg)
+    assert stats["loss"] != 0
+    rgra.frozen_logprobs(model, fixed_rollout(), ALL, cfg)
 
 
 def test_bf16_defaults_to_the_device():
@@ -1233,6 +1304,38 @@ def test_has_signal():
     assert rgra.has_signal(rewards).tolist() == [False, True, False]
 
 
+EQUAL_GROUP_CASES = [
+    (value, size) for value in (0.0, 0.1, 1.1, 1 / 3, -2.7, 1e-8) for size in (2, 3, 7, 8, 12, 32)
+]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "rgra", "grpo_pos", "rloo", "dapo", "gspo"])
+@pytest.mark.parametrize("std_norm", ["group", "batch", "none"])
+def test_groups_without_signal_have_exactly_zero_advantage(algo, std_norm):
+    """A group whose rewards are all equal gets advantage 0.0 exactly, not the float32 residue of
+    its mean divided by (std + eps) (-0.0074 for eight 0.1, -0.106 for twelve 1.1), for every G
+    and reward value, under every group baseline and normalisation; has_signal agrees. The
+    other group of the batch keeps a real signal."""
+    cfg = config(algo, std_norm=std_norm)
+    for value, size in EQUAL_GROUP_CASES:
+        rewards = torch.full((2, size), value, dtype=torch.float32)
+        rewards[1, 0] = value + 1.0
+        advantages, _ = rgra.compute_advantages(rewards, cfg)
+        assert rgra.has_signal(rewards).tolist() == [False, True]
+        assert advantages[0].tolist() == [0.0] * size, (value, size, advantages[0])
+        assert advantages[1].abs().max() > 0.1
+
+
+def test_raw_and_best_advantages_need_no_group_baseline():
+    """REINFORCE's raw reward and RAFT's best completion do not compare a completion with its
+    group: an all-equal group keeps them (raw: the reward; best: the first top completion)."""
+    rewards = torch.full((1, 4), 1.1)
+    advantages, _ = rgra.compute_advantages(rewards, config("reinforce"))
+    torch.testing.assert_close(advantages, rewards)
+    advantages, keep = rgra.compute_advantages(rewards, config("raft"))
+    assert keep.tolist() == [[True, False, False, False]]
+
+
 # ==== Log-probabilities of the sampled tokens: tempered, padded, with a shared prompt forward
 
 
@@ -1305,8 +1408,7 @@ def test_frozen_logprobs_fill_the_rows_of_idx(tiny_model, share_prompt):
     )
     idx = [0, 2, 3, 6]
     prompts = fixed_prompts()
-    sequences = {"prompt_ids": prompts, "completion_ids": FIXED_COMPLETIONS}
-    logp = rgra.frozen_logprobs(tiny_model, sequences, idx, cfg)
+    logp = rgra.frozen_logprobs(tiny_model, fixed_sampled(), idx, cfg)
     assert logp.shape == (len(FIXED_COMPLETIONS), max(map(len, FIXED_COMPLETIONS)))
     assert not logp.requires_grad
     for i, (p, c) in enumerate(zip(prompts, FIXED_COMPLETIONS, strict=True)):
@@ -1341,9 +1443,10 @@ def test_token_loss_values():
     # (A = 2 > 0), e^-0.4 = 0.67 to 0.8 (A = -1 < 0); both are clipped, the ratio-1 tokens are not.
     expected = torch.tensor([[-1.28 * 2, -2.0], [0.8, 1.0]])
     torch.testing.assert_close(clip, expected)
-    torch.testing.assert_close(stats["ratio_mean"], torch.exp(logp - old))
-    assert stats["clip_high_frac"].tolist() == [[1.0, 0.0], [0.0, 0.0]]
-    assert stats["clip_low_frac"].tolist() == [[0.0, 0.0], [1.0, 0.0]]
+    torch.testing.assert_close(stats["ratio"], torch.exp(logp - old))
+    low, high = rgra.clipped(stats["ratio"], A, config("dapo"))
+    assert high.tolist() == [[True, False], [False, False]]
+    assert low.tolist() == [[False, False], [True, False]]
     torch.testing.assert_close(stats["pg_loss"], expected)
     assert "kl" not in stats
 
@@ -1366,17 +1469,17 @@ def test_clip_fractions_count_only_where_the_clip_acts(surrogate):
     A = torch.tensor(CLIP_ADVANTAGES)
     loss, stats = rgra.token_loss(logp, old, None, A, ones_mask(logp), cfg)
     loss.sum().backward()
-    torch.testing.assert_close(stats["ratio_mean"], torch.tensor(CLIP_RATIOS).expand(4, 3))
-    negative = [[1.0, 0.0, 0.0] if a < 0 else [0.0, 0.0, 0.0] for a in CLIP_ADVANTAGES]
-    positive = [[0.0, 0.0, 1.0] if a > 0 else [0.0, 0.0, 0.0] for a in CLIP_ADVANTAGES]
+    torch.testing.assert_close(stats["ratio"], torch.tensor(CLIP_RATIOS).expand(4, 3))
+    low, high = rgra.clipped(stats["ratio"], A, cfg)
+    negative = [[True, False, False] if a < 0 else [False] * 3 for a in CLIP_ADVANTAGES]
+    positive = [[False, False, True] if a > 0 else [False] * 3 for a in CLIP_ADVANTAGES]
     if surrogate == "clip":
-        assert stats["clip_low_frac"].tolist() == negative
-        assert stats["clip_high_frac"].tolist() == positive
-        acting = stats["clip_low_frac"] + stats["clip_high_frac"]
-        assert ((logp.grad == 0) == (acting == 1)).all(), logp.grad
+        assert low.tolist() == negative
+        assert high.tolist() == positive
+        assert ((logp.grad == 0) == (low | high)).all(), logp.grad
     else:
-        assert stats["clip_low_frac"].tolist() == [[1.0, 0.0, 0.0]] * 4
-        assert stats["clip_high_frac"].tolist() == [[0.0, 0.0, 1.0]] * 4
+        assert low.tolist() == [[True, False, False]] * 4
+        assert high.tolist() == [[False, False, True]] * 4
         assert (logp.grad != 0).all()
 
 
@@ -1393,8 +1496,8 @@ def surrogate_grads(model, cfg, advantages, old_shift=None, ref_shift=0.3):
     loss_tok, stats = rgra.token_loss(logp, old, ref, advantages, mask, cfg)
     w = rgra.sequence_weights(lengths, cfg.loss_agg, cfg.max_new_tokens).unsqueeze(1) * mask
     (loss_tok * w).sum().backward()
-    clipped = (stats["clip_low_frac"] + stats["clip_high_frac"])[mask].sum().item()
-    return grads(model), clipped
+    low, high = rgra.clipped(stats["ratio"], advantages, cfg)
+    return grads(model), (low | high)[mask].sum().item()
 
 
 def test_clip_inside_range_keeps_gradient(tiny_model):
@@ -1423,10 +1526,11 @@ def test_kl_estimator_formulas(estimator):
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_log_ratio_is_clamped(estimator):
-    """The log-ratio d = logp - ref_logp is clamped to +-KL_CLAMP (20) before the estimator, as in
-    verl: the KL of d = -100, 30 and 19 is that of -20, 20 and 19, finite, and beyond the clamp it
-    has no gradient. (Without the clamp k3 of d = -100 overflows float32, and k1 of 30 is 30.)"""
-    assert rgra.KL_CLAMP == 20.0
+    """The log-ratio d = logp - ref_logp is clamped to +-LOG_RATIO_CLAMP (20) before the
+    estimator, as in verl: the KL of d = -100, 30 and 19 is that of -20, 20 and 19, finite, and
+    beyond the clamp it has no gradient. (Without the clamp k3 of d = -100 overflows float32, and
+    k1 of 30 is 30.)"""
+    assert rgra.LOG_RATIO_CLAMP == 20.0
     ref = torch.tensor([[-0.5, -30.5, -19.5]])
     logp = torch.tensor([[-100.5, -0.5, -0.5]], requires_grad=True)
     cfg = config("rgra", kl_coef=1.0, kl_estimator=estimator)
@@ -1591,7 +1695,7 @@ def test_gspo_loss_and_gradient_by_hand(loss_agg):
     torch.testing.assert_close(logp.grad, want_grad, rtol=1e-5, atol=1e-7)
     # One ratio per sequence, on each of its tokens.
     for i, n in enumerate(HAND_LENGTHS):
-        assert torch.allclose(stats["ratio_mean"][i, :n], stats["ratio_mean"][i, 0].expand(n))
+        assert torch.allclose(stats["ratio"][i, :n], stats["ratio"][i, 0].expand(n))
 
 
 @pytest.mark.parametrize("loss_agg", rgra.LOSS_AGGS)
@@ -1624,8 +1728,119 @@ def test_cispo_preset_has_no_lower_bound():
     logp, _, advantages, mask = hand_inputs()
     # Ratios of exp(-5): far below any clip's lower bound.
     old = logp.detach() + 5.0
-    _, stats = rgra.token_loss(logp, old, None, advantages, mask, config("cispo"))
-    assert stats["clip_low_frac"][mask].sum() == 0
+    cfg = config("cispo")
+    _, stats = rgra.token_loss(logp, old, None, advantages, mask, cfg)
+    assert rgra.clipped(stats["ratio"], advantages, cfg)[0][mask].sum() == 0
+
+
+@pytest.mark.parametrize("algo", ["grpo", "gspo", "cispo"])
+def test_a_stale_ratio_never_overflows(algo):
+    """A log-ratio of 100 (e^100 overflows float32) is clamped to +-LOG_RATIO_CLAMP before exp, as
+    verl does, per token and per sequence (GSPO): the loss and its gradient stay finite."""
+    logp = torch.tensor([[-0.5, -1.0], [-2.0, -0.1]], requires_grad=True)
+    old = logp.detach() - torch.tensor([[100.0, 100.0], [-100.0, -100.0]])
+    cfg = config(algo, kl_coef=0.0)
+    loss, stats = rgra.token_loss(logp, old, None, torch.tensor([1.0, -1.0]), ones_mask(logp), cfg)
+    assert torch.isfinite(loss).all()
+    assert stats["ratio"].max() == pytest.approx(math.exp(20.0), rel=1e-5)
+    assert stats["ratio"].min() == pytest.approx(math.exp(-20.0), rel=1e-5)
+    loss.sum().backward()
+    assert torch.isfinite(logp.grad).all()
+
+
+def test_token_loss_with_kl_needs_the_reference_logprobs():
+    """kl_coef > 0 without ref_logp is a ValueError naming what is missing, not a TypeError."""
+    logp = torch.zeros(1, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="ref_logp"):
+        rgra.token_loss(logp, logp.detach(), None, torch.ones(1), ones_mask(logp), config("grpo"))
+
+
+def test_step_loss_is_the_weighted_sum_over_the_mask():
+    """step_loss: sum over sequences i and real tokens t of w_i * l_it, by hand."""
+    losses = torch.tensor([[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    loss = rgra.step_loss(losses, torch.tensor([0.5, 0.25]), mask)
+    assert loss.item() == 0.5 * (1 + 2) + 0.25 * (8 + 16 + 32)
+
+
+# ==== Copied out: the advantages and the loss run alone, with what their docstrings name
+
+
+def copied_module(tmp_path, name, functions):
+    """A fresh module holding only the source of rgra's `functions`, each with what the "Copy with"
+    sentence of its docstring names (imports in backticks, constants, other functions), as a user
+    would copy them into their own project. Returns the imported module."""
+    source = (REPO / "rgra.py").read_text()
+    tree = ast.parse(source)
+    nodes = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assigned = [n for n in tree.body if isinstance(n, ast.Assign) and len(n.targets) == 1]
+    constants = {n.targets[0].id: n for n in assigned if isinstance(n.targets[0], ast.Name)}
+    imports = set()
+    wanted = list(functions)
+    for function in functions:
+        copy_with = re.search(r"Copy with (.+?)\.(\s|$)", ast.get_docstring(nodes[function]), re.S)
+        if copy_with:
+            imports |= set(re.findall(r"`([^`]+)`", copy_with[1]))
+            words = re.findall(r"\b[A-Za-z_]+\b", re.sub(r"`[^`]+`", "", copy_with[1]))
+            wanted += [word for word in words if word in nodes or word in constants]
+    parts = sorted(imports)
+    for word in dict.fromkeys(wanted):
+        node = constants.get(word) or nodes[word]
+        parts.append(ast.get_source_segment(source, node))
+    path = tmp_path / f"{name}.py"
+    path.write_text("\n\n\n".join(parts) + "\n")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ADVANTAGE_FIELDS = ("advantage", "std_norm", "positive_only", "drop_equal_groups")
+LOSS_FIELDS = ("surrogate", "ratio_level", "eps_low", "eps_high", "kl_coef", "kl_estimator")
+
+
+def plain_settings(cfg, fields):
+    """The fields of cfg as a SimpleNamespace: the copies must not need rgra's Config."""
+    return SimpleNamespace(**{key: getattr(cfg, key) for key in fields})
+
+
+@pytest.mark.parametrize("algo", sorted(SPEC_PRESETS))
+def test_advantages_and_loss_copied_out_equal_rgras(tmp_path, algo):
+    """compute_advantages, token_loss, sequence_weights and step_loss copied alone into a fresh
+    module (with what their docstrings name) give rgra's values on fixed inputs, with a plain
+    namespace for cfg; on the meta device every tensor they make stays on it."""
+    names = ["compute_advantages", "token_loss", "sequence_weights", "step_loss"]
+    copy = copied_module(tmp_path, f"copy_{algo}", names)
+    assert not hasattr(copy, "Config") and not hasattr(copy, "rgra")
+    cfg = config(algo, ["--kl-estimator", "k2"], kl_coef=0.1, eps_low=0.2)
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randint(0, 3, (4, 5), generator=g).float() / 2
+    rewards[0] = 0.1
+    want = rgra.compute_advantages(rewards, cfg)
+    got = copy.compute_advantages(rewards, plain_settings(cfg, ADVANTAGE_FIELDS))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    logp = -torch.rand(3, 6, generator=g)
+    old = logp - 0.3 * torch.randn(3, 6, generator=g)
+    ref = logp - 0.3 * torch.randn(3, 6, generator=g)
+    mask = torch.arange(6) < torch.tensor([[6], [2], [4]])
+    advantages = torch.tensor([1.0, -0.5, 0.25])
+    loss, stats = rgra.token_loss(logp, old, ref, advantages, mask, cfg)
+    settings = plain_settings(cfg, LOSS_FIELDS)
+    copied_loss, copied_stats = copy.token_loss(logp, old, ref, advantages, mask, settings)
+    assert torch.equal(copied_loss, loss)
+    assert stats.keys() == copied_stats.keys()
+    lengths = mask.sum(dim=1)
+    weights = rgra.sequence_weights(lengths, cfg.loss_agg, 8)
+    assert torch.equal(copy.sequence_weights(lengths, cfg.loss_agg, 8), weights)
+    assert torch.equal(copy.step_loss(loss, weights, mask), rgra.step_loss(loss, weights, mask))
+    # Every tensor on its inputs' device: on meta, a tensor made on the CPU would raise.
+    meta = [x.to("meta") for x in (rewards, logp, old, ref, mask, advantages, lengths)]
+    advantages_meta, keep_meta = copy.compute_advantages(meta[0], cfg)
+    assert advantages_meta.device.type == keep_meta.device.type == "meta"
+    loss_meta, _ = copy.token_loss(*meta[1:4], meta[5], meta[4], settings)
+    weights_meta = copy.sequence_weights(meta[6], cfg.loss_agg, 8)
+    assert copy.step_loss(loss_meta, weights_meta, meta[4]).device.type == "meta"
 
 
 # ==== The update: gradient accumulation over micro-batches, mu optimizer steps per rollout
@@ -1662,16 +1877,14 @@ REF_SEED = 7
 
 
 def train_recorded(algo, argv=(), lr=2.0, arch="llama"):
-    """build_rollout and train_on_rollout on the fixed sequences from the same initial weights
-    (seed 0) with plain SGD and no gradient clipping: (the gradient of every optimizer step, the
-    final weights, the statistics, the rollout)."""
+    """Steps 3 and 4 of rl_step on the fixed sequences from the same initial weights (seed 0)
+    with plain SGD and no gradient clipping: (the gradient of every optimizer step, the final
+    weights, the statistics, the rollout)."""
     policy = build_tiny_model(arch, seed=0)
     reference = build_tiny_model(arch, seed=REF_SEED).requires_grad_(False)
     cfg = config(algo, [*ROLLOUT_ARGS, *argv])
     optimizer, scheduler = sgd(policy, lr)
-    rollout = rgra.build_rollout(policy, reference, fixed_sampled(), cfg)
-    generator = torch.Generator().manual_seed(0)
-    stats = rgra.train_on_rollout(policy, optimizer, scheduler, rollout, cfg, generator)
+    rollout, stats = run_step(policy, reference, fixed_sampled(), cfg, optimizer, scheduler)
     assert stats["optimizer_steps"] == cfg.mu, stats
     assert stats["skipped_steps"] == 0, stats
     return optimizer.grads, weights(policy), stats, rollout
@@ -1709,7 +1922,7 @@ def test_grpo_differs_from_rgra_at_mu_two_with_the_clip_active():
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_old_logprobs_come_from_the_policy_before_the_update(arch):
     """mu = 2: both optimizer steps use log pi_old = the policy's log-probs before the first step
-    (build_rollout's old_logp), not the reference model's and not the current ones (ratio 1, clip
+    (rl_step's rollout.old_logp), not the reference model's and not the current ones (ratio 1, clip
     never active). The second step's gradient must be the formula's, evaluated at the weights
     after the first step."""
     record, final, stats, rollout = train_recorded("grpo", ["--ppo-epochs", "2"], arch=arch)
@@ -1733,6 +1946,43 @@ def test_old_logprobs_come_from_the_policy_before_the_update(arch):
                 p -= 2.0 * g
     assert_grads_close(final, weights(policy), rtol=1e-4, atol=1e-6)
     assert stats["clip_frac"] > 0.02
+
+
+MU_WAYS = {
+    "ppo_epochs": ["--ppo-epochs", "2"],
+    "mini_batches": ["--mini-batches", "7", "--micro-batch-size", "1"],
+    "both": ["--ppo-epochs", "2", "--mini-batches", "7", "--micro-batch-size", "1"],
+}
+
+
+@pytest.mark.parametrize("way", MU_WAYS)
+def test_later_optimizer_steps_of_a_rollout_use_pi_old(monkeypatch, way):
+    """However mu > 1 comes about (epochs, mini-batches or both), rl_step freezes pi_old's
+    log-probs (the policy's before the update) and every optimizer step of the rollout uses them:
+    the first step's ratio is 1, the later steps' depart from it and the clip acts."""
+    per_step = []
+    accumulate = rgra.accumulate_gradients
+
+    def recording(model, rollout, idx, cfg):
+        """rgra.accumulate_gradients, the statistics of each optimizer step recorded."""
+        per_step.append(accumulate(model, rollout, idx, cfg))
+        return per_step[-1]
+
+    monkeypatch.setattr(rgra, "accumulate_gradients", recording)
+    argv = [*MU_WAYS[way], "--eps-low", "0.05", "--eps-high", "0.05"]
+    _, _, _, rollout = train_recorded("grpo", argv, lr=5.0)
+    cfg = config("grpo", [*ROLLOUT_ARGS, *argv])
+    assert len(per_step) == cfg.mu > 1
+    policy = build_tiny_model("llama", seed=0)
+    pairs = list(zip(rollout.prompt_ids, rollout.completion_ids, strict=True))
+    with torch.no_grad():
+        before = padded([plain_logprobs(policy, p, c, 1.0)[0] for p, c in pairs])
+    torch.testing.assert_close(rollout.old_logp, before, rtol=1e-5, atol=1e-5)
+    assert per_step[0]["ratio_min"] == pytest.approx(1.0, abs=1e-5)
+    assert per_step[0]["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    later = per_step[1:]
+    assert max(abs(s[key] - 1) for s in later for key in ("ratio_min", "ratio_max")) > 0.05
+    assert max(s["clip_frac"] for s in later) > 0
 
 
 def test_gradient_is_clipped_to_max_grad_norm():
@@ -1779,7 +2029,7 @@ def test_each_epoch_splits_the_kept_sequences_into_mini_batches(
     monkeypatch.setattr(rgra, "accumulate_gradients", recording)
     model = build_tiny_model("llama", seed=0)
     optimizer, scheduler = sgd(model, 0.1)
-    rollout.old_logp = rgra.frozen_logprobs(model, vars(rollout), kept, cfg)
+    rollout.old_logp = rgra.frozen_logprobs(model, rollout, kept, cfg)
     generator = torch.Generator().manual_seed(0)
     stats = rgra.train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator)
     assert stats["optimizer_steps"] == len(optimizer.grads) == len(calls) == cfg.mu
@@ -1817,7 +2067,7 @@ def test_ratio_and_clip_statistics_of_an_off_policy_step(algo):
     cfg = dataclasses.replace(cfg, micro_batch_size=3)
     model = build_tiny_model("llama", seed=0)
     rollout = fixed_rollout()
-    logp = rgra.frozen_logprobs(model, vars(rollout), ALL, cfg)
+    logp = rgra.frozen_logprobs(model, rollout, ALL, cfg)
     lengths = torch.tensor([len(c) for c in rollout.completion_ids])
     mask = torch.arange(logp.shape[1]) < lengths.unsqueeze(1)
     # Ratios above 1.1 for the first four sequences, below 0.9 for the last three: with
@@ -1845,7 +2095,7 @@ def test_ratio_and_clip_statistics_of_an_off_policy_step(algo):
     assert stats["clip_low_frac"] > 0 and stats["clip_high_frac"] > 0
 
 
-# ==== The rollout (build_rollout) and one RL step (rl_step)
+# ==== One RL step (rl_step): its rollout, advantages, frozen log-probs and update
 
 # Two groups of three of the fixed sequences, as sampled: rewards, and one truncated completion.
 GROUPED_REWARDS = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
@@ -1853,54 +2103,52 @@ GROUPED_TRUNCATED = [False, True, False, False, False, False]
 
 
 def grouped_sampled():
-    """Six of the fixed sequences as two groups of three (P = 2, G = 3) in rl_step's format: the
-    first group's rewards differ, the second's are all equal; sequence 1 was truncated."""
+    """Six of the fixed sequences as two groups of three (P = 2, G = 3) as steps 1 and 2 leave
+    them: the first group's rewards differ, the second's are all equal; sequence 1 was truncated."""
     n = len(GROUPED_REWARDS)
-    return {
-        "prompt_ids": fixed_prompts()[:n],
-        "completion_ids": [list(c) for c in FIXED_COMPLETIONS[:n]],
-        "rewards": torch.tensor(GROUPED_REWARDS),
-        "truncated": torch.tensor(GROUPED_TRUNCATED),
-    }
+    return rgra.Rollout(
+        prompt_ids=fixed_prompts()[:n],
+        completion_ids=[list(c) for c in FIXED_COMPLETIONS[:n]],
+        truncated=torch.tensor(GROUPED_TRUNCATED),
+        rewards=torch.tensor(GROUPED_REWARDS),
+    )
 
 
 GROUPED_ARGS = ["--prompts-per-step", "2", "--group-size", "3", "--micro-batch-size", "3"]
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo", "raft", "dapo"])
-def test_build_rollout_advantages_and_keep(algo):
-    """build_rollout: each group's advantages and keep from compute_advantages, the truncated
+def test_step_advantages_and_keep(algo):
+    """Step 3: each group's advantages and keep from compute_advantages, the truncated
     completions dropped under --mask-truncated (dapo), the sequences passed through."""
     model = build_tiny_model("llama", seed=0)
-    cfg = config(algo, GROUPED_ARGS, kl_coef=0.0)
+    cfg = config(algo, GROUPED_ARGS, kl_coef=0.0, max_refill_rounds=0)
     sampled = grouped_sampled()
-    rollout = rgra.build_rollout(model, None, sampled, cfg)
-    advantages, keep = rgra.compute_advantages(sampled["rewards"].view(2, 3), cfg)
+    rollout, _ = run_step(model, None, grouped_sampled(), cfg)
+    advantages, keep = rgra.compute_advantages(sampled.rewards.view(2, 3), cfg)
     keep = keep.flatten()
     if algo == "dapo":
-        keep &= ~sampled["truncated"]
+        keep &= ~sampled.truncated
         assert rollout.keep.tolist() == [True, False, True, False, False, False]
     torch.testing.assert_close(rollout.advantages, advantages.flatten())
     assert rollout.keep.tolist() == keep.tolist()
-    assert rollout.prompt_ids == sampled["prompt_ids"]
-    assert rollout.completion_ids == sampled["completion_ids"]
-    assert torch.equal(rollout.rewards, sampled["rewards"])
-    assert torch.equal(rollout.truncated, sampled["truncated"])
+    assert rollout.prompt_ids == sampled.prompt_ids
+    assert rollout.completion_ids == sampled.completion_ids
+    assert torch.equal(rollout.rewards, sampled.rewards)
+    assert torch.equal(rollout.truncated, sampled.truncated)
 
 
 @pytest.mark.parametrize("ppo_epochs", [1, 2])
-@pytest.mark.parametrize("reference", ["ref_model", "policy", "no KL"])
-def test_build_rollout_frozen_logprobs(ppo_epochs, reference):
+@pytest.mark.parametrize("reference", ["ref_model", "no KL"])
+def test_step_frozen_logprobs(ppo_epochs, reference):
     """pi_old's log-probs only at mu > 1 (the policy's, as it is before the update), pi_ref's only
-    with KL (ref_model's, or the policy's without one and without LoRA): for the kept sequences
-    only, 0 on the dropped ones."""
+    with KL (ref_model's): for the kept sequences only, 0 on the dropped ones."""
     policy = build_tiny_model("llama", seed=0)
     ref_model = build_tiny_model("llama", seed=REF_SEED)
     kl_coef = 0.0 if reference == "no KL" else 0.04
     argv = [*GROUPED_ARGS, "--ppo-epochs", str(ppo_epochs), "--mask-truncated"]
     cfg = config("grpo", argv, kl_coef=kl_coef)
-    given = ref_model if reference == "ref_model" else None
-    rollout = rgra.build_rollout(policy, given, grouped_sampled(), cfg)
+    rollout, _ = run_step(policy, ref_model, grouped_sampled(), cfg)
     pairs = list(zip(rollout.prompt_ids, rollout.completion_ids, strict=True))
     kept = rollout.keep.unsqueeze(1)
     with torch.no_grad():
@@ -1913,8 +2161,6 @@ def test_build_rollout_frozen_logprobs(ppo_epochs, reference):
         torch.testing.assert_close(rollout.old_logp, from_policy, rtol=1e-5, atol=1e-5)
     if reference == "no KL":
         assert rollout.ref_logp is None
-    elif reference == "policy":
-        torch.testing.assert_close(rollout.ref_logp, from_policy, rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(rollout.ref_logp, from_ref, rtol=1e-5, atol=1e-5)
 
@@ -1928,9 +2174,7 @@ def test_reference_model_reaches_the_update():
         reference = build_tiny_model("llama", seed=ref_seed).requires_grad_(False)
         cfg = config("rgra", ROLLOUT_ARGS, kl_coef=kl_coef, max_grad_norm=1.0)
         optimizer, scheduler = adamw(policy, 1e-2)
-        rollout = rgra.build_rollout(policy, reference, fixed_sampled(), cfg)
-        generator = torch.Generator().manual_seed(0)
-        stats = rgra.train_on_rollout(policy, optimizer, scheduler, rollout, cfg, generator)
+        _, stats = run_step(policy, reference, fixed_sampled(), cfg, optimizer, scheduler)
         assert stats["optimizer_steps"] == 1
         assert stats["skipped_steps"] == 0
         return weights(policy), stats
@@ -1942,6 +2186,31 @@ def test_reference_model_reaches_the_update():
     assert stats_b["kl"] > 0
     assert tensors_differ(w_no_kl, w_kl_a, rel=1e-7)
     assert tensors_differ(w_kl_a, w_kl_b, rel=1e-7)
+
+
+@pytest.mark.parametrize(
+    "changes,named",
+    [
+        ({"kl_coef": 0.04}, "ref_model"),
+        ({"group_size": 1}, "--group-size 1"),
+        ({"micro_batch_size": 4}, "--micro-batch-size 4"),
+        ({"temperature": 0.0}, "--temperature 0.0"),
+    ],
+)
+def test_rl_step_refuses_before_any_work(monkeypatch, tiny_tokenizer, changes, named):
+    """rl_step driven from Python: KL without a reference model (nor LoRA), groups too small for
+    a group baseline, micro-batches that do not divide the rollout, greedy sampling: each a
+    ValueError naming what is wrong or missing, raised before anything is sampled."""
+
+    def no_sampling(*args):
+        raise AssertionError("sampled before the check")
+
+    monkeypatch.setattr(rgra, "sample", no_sampling)
+    cfg = dataclasses.replace(config("grpo", STEP_ARGS, kl_coef=0.0), **changes)
+    model = build_tiny_model("llama", seed=0)
+    optimizer, scheduler = sgd(model, 0.5)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        rgra.rl_step(model, None, tiny_tokenizer, optimizer, scheduler, STEP_PROBLEMS, 1, 0, cfg)
 
 
 def completion_tokens(tokenizer, text, truncated):
@@ -2009,8 +2278,7 @@ def hand_rollout(tokenizer, model, cfg, truncated):
     )
     if cfg.kl_coef > 0:
         idx = keep.nonzero().flatten().tolist()
-        sequences = {"prompt_ids": prompt_ids, "completion_ids": completion_ids}
-        rollout.ref_logp = rgra.frozen_logprobs(model, sequences, idx, cfg)
+        rollout.ref_logp = rgra.frozen_logprobs(model, rollout, idx, cfg)
     return rollout
 
 
@@ -2021,8 +2289,12 @@ def rl_step_against_hand(monkeypatch, tokenizer, algo, argv=(), truncated=None):
     cfg = config(algo, [*STEP_ARGS, *argv])
     monkeypatch.setattr(rgra, "sample", fake_sampler(tokenizer, STEP_REPLIES, truncated))
     model = build_tiny_model("llama", seed=0)
+    # pi_ref: the initial policy, as hand_rollout takes it.
+    reference = build_tiny_model("llama", seed=0).requires_grad_(False)
     optimizer, scheduler = sgd(model, 0.5)
-    metrics = rgra.rl_step(model, None, tokenizer, optimizer, scheduler, STEP_PROBLEMS, 1, 0, cfg)
+    metrics = rgra.rl_step(
+        model, reference, tokenizer, optimizer, scheduler, STEP_PROBLEMS, 1, 0, cfg
+    )
 
     by_hand = build_tiny_model("llama", seed=0)
     optimizer, scheduler = sgd(by_hand, 0.5)
@@ -2110,7 +2382,7 @@ def test_rl_step_samples_the_problems_at_its_cursor(monkeypatch, tiny_tokenizer)
         return question
 
     monkeypatch.setattr(rgra, "build_prompt", recording_prompt)
-    cfg = config("rgra", STEP_ARGS)
+    cfg = config("rgra", STEP_ARGS, kl_coef=0.0)
     model = build_tiny_model("llama", seed=0)
     optimizer, scheduler = sgd(model, 0.0)
     for cursor in (0, 4, 7):
@@ -2129,7 +2401,7 @@ def test_rl_step_draws_new_samples_every_step(monkeypatch, tiny_tokenizer):
     model = build_tiny_model("llama", seed=0)
     argv = ["--template", "none", "--prompts-per-step", "1", "--group-size", "4"]
     argv += ["--micro-batch-size", "4", "--max-new-tokens", "8", "--lr", "0"]
-    cfg = config("rgra", argv)
+    cfg = config("rgra", argv, kl_coef=0.0)
     optimizer, scheduler = adamw(model, 0.0)
     drawn = []
     real_sample = rgra.sample
@@ -2166,19 +2438,17 @@ def test_rgra_objective_learns_a_toy_task(tiny_tokenizer):
     optimizer, scheduler = adamw(model, cfg.lr)
     prompts = ["abc", "de", "fghij", "k"]
     history = []
-    for step in range(30):
+    for _ in range(30):
         prompt_ids, completion_ids, _, truncated = sample(model, tiny_tokenizer, prompts, G, 4, 1.0)
         rewards = torch.tensor([c.count(target) / len(c) for c in completion_ids])
         history.append(rewards.mean().item())
-        sampled = {
-            "prompt_ids": [prompt_ids[i // G] for i in range(P * G)],
-            "completion_ids": completion_ids,
-            "rewards": rewards,
-            "truncated": torch.tensor(truncated),
-        }
-        rollout = rgra.build_rollout(model, reference, sampled, cfg)
-        generator = torch.Generator().manual_seed(step)
-        stats = rgra.train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator)
+        sampled = rgra.Rollout(
+            prompt_ids=[prompt_ids[i // G] for i in range(P * G)],
+            completion_ids=completion_ids,
+            truncated=torch.tensor(truncated),
+            rewards=rewards,
+        )
+        _, stats = run_step(model, reference, sampled, cfg, optimizer, scheduler)
         assert stats["skipped_steps"] == 0
     first = statistics.fmean(history[:5])
     last = statistics.fmean(history[-5:])
@@ -2213,14 +2483,15 @@ def dynamic_step(monkeypatch, refill_rounds, cursor=0):
     cursor. Returns the metrics, the step's rollout and the problem number of each of its groups."""
     cfg = config("dapo", DYNAMIC_ARGS, max_refill_rounds=refill_rounds)
     built = []
-    build_rollout = rgra.build_rollout
+    train = rgra.train_on_rollout
 
-    def recorded_build_rollout(*args):
-        built.append(build_rollout(*args))
-        return built[-1]
+    def recorded_train(model, optimizer, scheduler, rollout, cfg, generator):
+        """rgra.train_on_rollout, the rollout recorded."""
+        built.append(rollout)
+        return train(model, optimizer, scheduler, rollout, cfg, generator)
 
     monkeypatch.setattr(rgra, "sample", dynamic_sample)
-    monkeypatch.setattr(rgra, "build_rollout", recorded_build_rollout)
+    monkeypatch.setattr(rgra, "train_on_rollout", recorded_train)
     model = build_tiny_model("llama", seed=0)
     optimizer, scheduler = sgd(model, 0.0)
     tokenizer = build_tokenizer()
@@ -3066,6 +3337,36 @@ def test_prompts_per_step_must_divide_among_ranks(monkeypatch, capsys):
     assert rgra.parse_args(["--prompts-per-step", "4"]).prompts_per_step == 4
 
 
+def completions_drawn_on_this_rank(cfg):
+    """The completions this rank samples in one rl_step of cfg on one problem, repeated: every
+    rank samples the same prompt at the same step."""
+    drawn = []
+    real_sample = rgra.sample
+
+    def recording_sample(*args):
+        out = real_sample(*args)
+        drawn.extend(out[1])
+        return out
+
+    rgra.sample = recording_sample
+    model = build_tiny_model()
+    optimizer, scheduler = sgd(model, 0.0)
+    problems = [{"question": "ab", "answer": "1"}]
+    rgra.rl_step(model, None, build_tokenizer(), optimizer, scheduler, problems, 1, 0, cfg)
+    return drawn
+
+
+def test_two_ranks_draw_different_completions_of_the_same_prompt():
+    """Each rank seeds its sampling its own way: two ranks sampling the same prompt at the same
+    step draw different completions (seeded alike, they would draw the same ones)."""
+    argv = ["--algo", "rgra", "--kl-coef", "0", "--device", "cpu", "--template", "none"]
+    argv += ["--prompts-per-step", "2", "--group-size", "4", "--micro-batch-size", "2"]
+    cfg = rgra.parse_args([*argv, "--max-new-tokens", "8"])
+    first, second = on_ranks(completions_drawn_on_this_rank, cfg)
+    assert len(first) == len(second) == 4
+    assert first != second
+
+
 def trained_on_ranks(argv):
     """rgra.main(argv) on this rank; returns the weights it held at each checkpoint."""
     saved = []
@@ -3373,9 +3674,7 @@ def train_lora(model, steps=2, lr=1e-2):
     cfg = config("rgra", ROLLOUT_ARGS, kl_coef=0.0)
     optimizer, scheduler = adamw(model, lr)
     for step in range(steps):
-        rollout = rgra.build_rollout(model, None, fixed_sampled(seed=step), cfg)
-        generator = torch.Generator().manual_seed(step)
-        stats = rgra.train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator)
+        _, stats = run_step(model, None, fixed_sampled(seed=step), cfg, optimizer, scheduler)
         assert stats["optimizer_steps"] == 1
     return optimizer, scheduler
 
@@ -3421,9 +3720,8 @@ def test_lora_trains_only_the_adapters():
 
 
 def test_lora_reference_logprobs_are_the_base_models():
-    """With the adapters off (LoRALinear.enabled False: build_rollout's pi_ref under LoRA), the
-    log-probs are the base model's, exactly; with them on they differ, and they are on again
-    after."""
+    """With the adapters off (lora_adapters_off: rl_step's pi_ref under LoRA), the log-probs are
+    the base model's, exactly; with them on they differ, and they are on again after."""
     base = build_tiny_model("llama", seed=0)
     model = lora_model()
     train_lora(model)
@@ -3431,23 +3729,36 @@ def test_lora_reference_logprobs_are_the_base_models():
     with torch.no_grad():
         want = rgra.completion_logprobs(base, prompts, FIXED_COMPLETIONS, 1.0, False)
         on = rgra.completion_logprobs(model, prompts, FIXED_COMPLETIONS, 1.0, False)
-        rgra.LoRALinear.enabled = False
-        off = rgra.completion_logprobs(model, prompts, FIXED_COMPLETIONS, 1.0, False)
-        rgra.LoRALinear.enabled = True
+        with rgra.lora_adapters_off():
+            off = rgra.completion_logprobs(model, prompts, FIXED_COMPLETIONS, 1.0, False)
         again = rgra.completion_logprobs(model, prompts, FIXED_COMPLETIONS, 1.0, False)
     assert torch.equal(off, want)
     assert (on - want).abs().max() > 1e-3
     assert torch.equal(again, on)
-    # Through build_rollout: with kl_coef > 0 and ref_model None, pi_ref = the base model.
-    cfg = config("rgra", ROLLOUT_ARGS)
-    rollout = rgra.build_rollout(model, None, fixed_sampled(), cfg)
+    # Through rl_step: with kl_coef > 0 and ref_model None under LoRA, pi_ref = the base model.
+    cfg = config("rgra", ROLLOUT_ARGS, lora_rank=LORA_RANK)
+    optimizer, scheduler = adamw(model, 1e-2)
+    rollout, stats = run_step(model, None, fixed_sampled(), cfg, optimizer, scheduler)
     # Micro-batches of another size than `want`'s batch: equal up to float summation order.
     torch.testing.assert_close(rollout.ref_logp, want, rtol=1e-5, atol=1e-6)
     assert rgra.LoRALinear.enabled
-    optimizer, scheduler = adamw(model, 1e-2)
-    generator = torch.Generator().manual_seed(0)
-    stats = rgra.train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator)
     assert stats["kl"] > 0
+
+
+def test_lora_adapters_are_back_on_after_an_exception():
+    """lora_adapters_off restores the adapters in a finally: an exception inside the block (a
+    failed reference pass) does not leave the policy as its base model."""
+    model = lora_model()
+    train_lora(model)
+    with torch.no_grad():
+        on = rgra.completion_logprobs(model, fixed_prompts(), FIXED_COMPLETIONS, 1.0, False)
+    with pytest.raises(RuntimeError, match="inside the block"), rgra.lora_adapters_off():
+        assert not rgra.LoRALinear.enabled
+        raise RuntimeError("inside the block")
+    assert rgra.LoRALinear.enabled
+    with torch.no_grad():
+        again = rgra.completion_logprobs(model, fixed_prompts(), FIXED_COMPLETIONS, 1.0, False)
+    assert torch.equal(again, on)
 
 
 BF16_ARGS = [*ROLLOUT_ARGS, "--lr", "1e-2"]
@@ -3474,9 +3785,7 @@ def test_bf16_autocast_on_cpu():
     cfg = config("grpo", BF16_ARGS)
     optimizer, scheduler = adamw(model, 1e-2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        rollout = rgra.build_rollout(model, reference, fixed_sampled(), cfg)
-        generator = torch.Generator().manual_seed(0)
-        stats = rgra.train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator)
+        _, stats = run_step(model, reference, fixed_sampled(), cfg, optimizer, scheduler)
     assert math.isfinite(stats["loss"])
     assert math.isfinite(stats["grad_norm"])
     assert stats["grad_norm"] > 0
@@ -3496,9 +3805,7 @@ def test_autocast_weight_cache_is_fresh_at_every_optimizer_step():
     model = build_tiny_model("llama", seed=0)
     optimizer, scheduler = sgd(model, 2.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        rollout = rgra.build_rollout(model, None, fixed_sampled(), cfg)
-        generator = torch.Generator().manual_seed(0)
-        stats = rgra.train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator)
+        rollout, stats = run_step(model, None, fixed_sampled(), cfg, optimizer, scheduler)
     assert stats["optimizer_steps"] == 2
     fresh = build_tiny_model("llama", seed=0)
     with torch.no_grad():
@@ -4447,6 +4754,16 @@ def test_eval_hub_without_datasets_is_a_clear_error(monkeypatch):
     match = "gsm8k: could not load openai/gsm8k from the hub .*pass a JSONL path"
     with pytest.raises(rgra.DataError, match=match):
         rgra_eval.load_benchmark("gsm8k", None)
+
+
+def test_eval_average_is_the_unweighted_mean_of_the_benchmarks():
+    """The average row counts each benchmark once, as the papers do, whatever its size: 100% on 10
+    problems and 0% on 490 average to 50%, not 2%."""
+    metrics = {
+        "small": {"accuracy": 1.0, "problems": 10},
+        "big": {"accuracy": 0.0, "problems": 490},
+    }
+    assert rgra_eval.average(metrics) == 0.5
 
 
 def test_eval_pass_at_k_hand_computed():
