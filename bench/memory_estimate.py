@@ -108,7 +108,7 @@ def random_rollout(vocab):
     for _ in range(MICRO_BATCH):
         completions.append(torch.randint(vocab, (COMPLETION_LEN,), generator=generator).tolist())
     advantages = torch.randn(MICRO_BATCH, generator=generator)
-    ref_logp = [torch.randn(COMPLETION_LEN, generator=generator) for _ in range(MICRO_BATCH)]
+    ref_logp = torch.randn(MICRO_BATCH, COMPLETION_LEN, generator=generator)
     return rgra.Rollout(
         prompt_ids=[prompt] * MICRO_BATCH,
         completion_ids=completions,
@@ -360,12 +360,61 @@ def print_check(fits):
         )
 
 
+def estimate(fits, config, lora, ckpt):
+    """The ROWS of one setting for a model of config (a Qwen2Config), in bytes: each component,
+    their sum (the peak estimate) and what is left of 80 GB. fits: fit(lora, ckpt) and
+    fit(lora, False) by (lora, ckpt)."""
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+        params = sum(p.numel() for p in model.parameters())
+        rgra.add_lora(model, LORA_RANK, 32.0)
+        lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    parts = predict(fits[lora, ckpt], fits[lora, False], config, lora, ckpt)
+    trainable = params
+    if lora:
+        trainable = lora_params
+    column = [
+        4 * (params + lora_params * lora),
+        4 * trainable,
+        8 * trainable,
+        2 * params * (not lora),
+        parts["copies"],
+        parts["layers"],
+        parts["head"],
+        parts["logits"],
+    ]
+    column.append(sum(column))
+    column.append(80e9 - column[-1])
+    return column
+
+
+def set_micro_batch(sequences, completion_len, prompt_len=150):
+    """Estimate, from now on in this process, for micro-batches of `sequences` completions of
+    completion_len tokens to one prompt of prompt_len tokens (the defaults: 8, 512, 150)."""
+    global MICRO_BATCH, PROMPT_LEN, COMPLETION_LEN, TOKENS
+    MICRO_BATCH = sequences
+    PROMPT_LEN = prompt_len
+    COMPLETION_LEN = completion_len
+    TOKENS = MICRO_BATCH * COMPLETION_LEN
+
+
+def peak_estimate_gib(config, lora, ckpt=False):
+    """The peak estimate in GiB of one training micro-batch of a model of config (a Qwen2Config),
+    rgra defaults and this file's micro-batch, fitted afresh on small models (about 20 s of one
+    CPU core per fit). bench/gpu_check.py prints it beside the measured peak."""
+    fits = {(lora, False): fit(lora, False)}
+    if ckpt:
+        fits[lora, True] = fit(lora, True)
+    return estimate(fits, config, lora, ckpt)[-2] / GIB
+
+
 def main():
     """Fit on small models, check on a held-out one, and print the estimate for Qwen2.5-1.5B."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
     fits = {setting: fit(*setting) for setting in SETTINGS.values()}
+    config = Qwen2Config(**QWEN)
     with torch.device("meta"):
-        qwen = Qwen2ForCausalLM(Qwen2Config(**QWEN))
+        qwen = Qwen2ForCausalLM(config)
         params = sum(p.numel() for p in qwen.parameters())
         rgra.add_lora(qwen, LORA_RANK, 32.0)
         lora_params = sum(p.numel() for p in qwen.parameters() if p.requires_grad)
@@ -378,25 +427,7 @@ def main():
     print(
         "\nESTIMATE of peak GPU memory (GiB = 2^30 B) in one training micro-batch, rgra defaults:"
     )
-    table = {}
-    for name, (lora, ckpt) in SETTINGS.items():
-        parts = predict(fits[lora, ckpt], fits[lora, False], qwen.config, lora, ckpt)
-        trainable = params
-        if lora:
-            trainable = lora_params
-        column = [
-            4 * (params + lora_params * lora),
-            4 * trainable,
-            8 * trainable,
-            2 * params * (not lora),
-            parts["copies"],
-            parts["layers"],
-            parts["head"],
-            parts["logits"],
-        ]
-        column.append(sum(column))
-        column.append(80e9 - column[-1])
-        table[name] = column
+    table = {name: estimate(fits, config, *setting) for name, setting in SETTINGS.items()}
     print(f"{'component':34s}" + "".join(f"{name:>17s}" for name in SETTINGS))
     for j, row in enumerate(ROWS):
         print(f"{row:34s}" + "".join(f"{table[name][j] / GIB:>17.2f}" for name in SETTINGS))
