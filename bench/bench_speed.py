@@ -131,9 +131,9 @@ def bench_rgra(args, model_dir, work):
     """Run rgra.py's own CLI for the warm-up and measured steps; return its per-step timings, peak
     RSS, CPU seconds and mean completion lengths.
 
-    Reads OUT/metrics.jsonl, one JSON object per RL step: time_step and its split time_generate,
-    time_score, time_train (log-prob passes, backward passes and optimizer steps), in seconds;
-    len_mean in tokens.
+    Reads OUT/metrics.jsonl, one JSON object per RL step: time_step and its split time_rollout
+    (sampling and grading), time_train (log-prob passes, backward passes and optimizer steps), in
+    seconds; len_mean in tokens.
     """
     # rgra.py refuses a folder that holds a run: a fresh one each time.
     out_dir = os.path.join(tempfile.mkdtemp(prefix="rgra_", dir=work), "run")
@@ -371,8 +371,9 @@ def split_step(step):
         "time_backward",
         "time_optimizer",
     )
+    # rgra.py times sampling and grading together (time_rollout): its score column stays 0.
     split = {
-        "generate": step.get("time_generate", 0.0),
+        "generate": step.get("time_generate", step.get("time_rollout", 0.0)),
         "score": step.get("time_score", 0.0),
         "train": sum(step.get(key, 0.0) for key in train_keys),
     }
