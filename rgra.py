@@ -265,8 +265,8 @@ def rl_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, c
     advantages, keep = compute_advantages(rewards, cfg)
     # Dynamic sampling sampled more groups than a step trains on: the first P with a signal.
     if cfg.dynamic_sampling:
-        signal = has_signal(rewards)  # (groups,)
-        keep &= (signal & (signal.cumsum(dim=0) <= P)).unsqueeze(1)
+        with_signal = has_signal(rewards)  # (groups,)
+        keep &= (with_signal & (with_signal.cumsum(dim=0) <= P)).unsqueeze(1)
     # DAPO's overlong filtering: a truncated completion is not judged by an answer it never gave.
     if cfg.mask_truncated:
         keep &= ~rollout.truncated.view(-1, G)
@@ -278,13 +278,13 @@ def rl_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, c
     model.train()  # dropout is off (load_policy); train mode enables gradient checkpointing
     kept = rollout.keep.nonzero().flatten().tolist()
     # More than one GPU: each rank needs those of the sequences it trains on, its groups'.
-    mine = rank_sequences(kept, len(rollout.keep), G)
+    my_kept = rank_sequences(kept, len(rollout.keep), G)
     if cfg.mu > 1:
-        rollout.old_logp = frozen_logprobs(model, rollout, mine, cfg)
+        rollout.old_logp = frozen_logprobs(model, rollout, my_kept, cfg)
     if cfg.kl_coef > 0:
         # Under LoRA pi_ref is the policy without its adapters.
         with lora_adapters_off():
-            rollout.ref_logp = frozen_logprobs(ref_model or model, rollout, mine, cfg)
+            rollout.ref_logp = frozen_logprobs(ref_model or model, rollout, my_kept, cfg)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     stats = train_on_rollout(model, optimizer, scheduler, rollout, cfg, generator)
 
@@ -299,11 +299,11 @@ def sample_groups(model, tokenizer, batch, cfg):
     is (pi_old), and their rewards: their Rollout, sequence i answering problem i // G."""
     G = cfg.group_size
     # More than one GPU: each rank samples and grades its share of the problems.
-    mine = rank_share(batch)
-    prompts = [build_prompt(tokenizer, problem["question"], cfg.template) for problem in mine]
+    batch = rank_share(batch)
+    prompts = [build_prompt(tokenizer, problem["question"], cfg.template) for problem in batch]
     prompt_ids, completion_ids, texts, truncated = sample(model, tokenizer, prompts, G, cfg)
     # Each completion against the gold answer of its own problem.
-    golds = [problem["answer"] for problem in mine for _ in range(G)]
+    golds = [problem["answer"] for problem in batch for _ in range(G)]
     rewards, checks = score_completions(texts, golds, cfg)
     rollout = Rollout(
         prompt_ids=[prompt_ids[i // G] for i in range(len(completion_ids))],
@@ -435,16 +435,16 @@ def compute_advantages(rewards, cfg):
         advantages = (advantages - advantages.mean()) / (advantages.std() + STD_EPS)
     # Against its own baseline a group whose rewards are all equal has advantage 0, exactly: the
     # float32 mean of eight 0.1 is not 0.1, and / (std + eps) turns the residue into -0.0074.
-    signal = has_signal(rewards).unsqueeze(1)  # (P, 1)
-    if cfg.advantage != "raw":
-        advantages = torch.where(signal, advantages, 0.0)
+    with_signal = has_signal(rewards).unsqueeze(1)  # (P, 1)
+    if cfg.advantage != "raw" or cfg.std_norm == "group":
+        advantages = torch.where(with_signal, advantages, 0.0)
     # GRPO-pos, the RGRA paper's ablation.
     if cfg.positive_only:
         advantages = advantages.clamp(min=0)
     # DAPO eq. 11: a group whose rewards are all equal teaches nothing.
     keep = torch.ones_like(rewards, dtype=torch.bool)
     if cfg.drop_equal_groups:
-        keep &= signal
+        keep &= with_signal
     return advantages, keep
 
 
@@ -534,13 +534,13 @@ def accumulate_gradients(model, rollout, idx, cfg):
     weights = torch.zeros(len(rollout.keep))
     weights[idx] = sequence_weights(lengths, cfg.loss_agg, cfg.max_new_tokens)
     # More than one GPU: each rank runs its own groups' sequences.
-    mine = rank_sequences(idx, len(rollout.keep), cfg.group_size)
+    my_seqs = rank_sequences(idx, len(rollout.keep), cfg.group_size)
     # Micro-batches that pad little, each group's sequences together: its prompt then runs once.
     prompts = rollout.prompt_ids
-    mine.sort(key=lambda i: (-len(prompts[i]), prompts[i], -len(rollout.completion_ids[i])))
+    my_seqs.sort(key=lambda i: (-len(prompts[i]), prompts[i], -len(rollout.completion_ids[i])))
     stats = StepStats()
-    for start in range(0, len(mine), cfg.micro_batch_size):
-        seqs = mine[start : start + cfg.micro_batch_size]
+    for start in range(0, len(my_seqs), cfg.micro_batch_size):
+        seqs = my_seqs[start : start + cfg.micro_batch_size]
         completions = [rollout.completion_ids[i] for i in seqs]
         logp, entropy = completion_logprobs(
             model, [prompts[i] for i in seqs], completions, cfg.temperature, cfg.share_prompt, True
@@ -598,7 +598,7 @@ def token_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
     if cfg.surrogate == "pg":
         loss = -A * logp
     # PPO, GRPO eq. 3, GSPO eq. 5. The min keeps the unclipped term, and its gradient, where
-    # clipping would raise the loss.
+    # clipping would lower the loss: the clip only removes the pull further out of the range.
     elif cfg.surrogate == "clip":
         loss = -torch.min(ratio * A, ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * A)
     # CISPO, MiniMax-M1 eq. 4: the clipped ratio is a detached weight, so no gradient is lost.
@@ -681,7 +681,8 @@ def main(argv=None):
             tqdm.write(f"{name}: saved step {step}; continue with --resume", file=sys.stderr)
             sys.exit(128 + signal_number)
     if rank == 0:
-        print(f"done: {num_steps} steps, last checkpoint {checkpoints(cfg.out_dir)[-1]}")
+        last = (checkpoints(cfg.out_dir) or ["none"])[-1]
+        print(f"done: {num_steps} steps, last checkpoint {last}")
 
 
 def load_models(cfg, resume_from):
@@ -874,7 +875,8 @@ def check_config(cfg):
             raise ValueError(f"--{field.name.replace('_', '-')} must be at least {low}")
     needs_group = cfg.advantage in ("group", "leave-one-out") or cfg.std_norm == "group"
     if needs_group and cfg.group_size < 2:
-        raise ValueError(f"--group-size {cfg.group_size}: a group baseline needs 2 completions")
+        message = f"--group-size {cfg.group_size}: a group baseline needs at least 2 completions"
+        raise ValueError(message)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.prompts_per_step % world_size:
         message = f"--prompts-per-step {cfg.prompts_per_step}: not divisible by {world_size} ranks"
@@ -885,9 +887,10 @@ def check_config(cfg):
         raise ValueError(f"{sizes} must divide the rollout batch of {rollout} sequences evenly")
     if not 0 <= cfg.eps_low <= 1 or not 0 < cfg.top_p <= 1:
         raise ValueError("--eps-low must be in [0, 1] and --top-p in (0, 1]")
-    # Log-probs divide the logits by T; greedy decoding has no distribution to train on.
-    if cfg.temperature <= 0:
-        raise ValueError(f"--temperature {cfg.temperature}: log-probs need T > 0 (greedy has none)")
+    # Log-probs divide the logits by T: greedy decoding (T = 0, eval.py's) has none to train on.
+    if not 0 < cfg.temperature < math.inf:
+        why = "log-probs divide the logits by T, which must be finite and above 0"
+        raise ValueError(f"--temperature {cfg.temperature:g}: {why}")
     if cfg.dynamic_sampling and not cfg.drop_equal_groups:
         message = "--dynamic-sampling refills the groups that --drop-equal-groups drops: set both"
         raise ValueError(message)
@@ -1248,7 +1251,7 @@ def rollout_metrics(rollout, cfg, model):
     checks = rollout.checks
     correct = checks["correct"]
     lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
-    memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak resident, KiB
+    memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak resident, from KiB
     if model.device.type == "cuda":
         memory = torch.cuda.max_memory_allocated()
     return {

@@ -1334,6 +1334,9 @@ def test_raw_and_best_advantages_need_no_group_baseline():
     torch.testing.assert_close(advantages, rewards)
     advantages, keep = rgra.compute_advantages(rewards, config("raft"))
     assert keep.tolist() == [[True, False, False, False]]
+    # Divided by its group's std (0), the raw reward of an all-equal group would be 1.1e6.
+    advantages, _ = rgra.compute_advantages(rewards, config("reinforce", std_norm="group"))
+    assert advantages.tolist() == [[0.0] * 4]
 
 
 # ==== Log-probabilities of the sampled tokens: tempered, padded, with a shared prompt forward
@@ -2951,8 +2954,13 @@ BAD_INPUT_CASES = [
     ),
     bad_case(
         "greedy with mu > 1",
-        ["error: --temperature 0 (greedy)"],
+        ["error: --temperature 0: log-probs divide the logits by T, which must be finite"],
         extra=["--algo", "grpo", "--ppo-epochs", "2", "--temperature", "0"],
+    ),
+    bad_case(
+        "greedy at mu = 1",
+        ["error: --temperature 0: log-probs divide the logits by T, which must be finite"],
+        extra=["--algo", "rgra", "--temperature", "0"],
     ),
     bad_case(
         "--dynamic-sampling without --drop-equal-groups",
