@@ -1339,7 +1339,7 @@ def _phrase_answer(rest):
     answer = re.split(r"\.?\s*I hope|<\||\n", rest.strip()[:MAX_ANSWER_CHARS], maxsplit=1)[0]
     answer = re.sub(r'^\s*\\?"|\\?"\s*$', "", answer.replace("**", "")).strip()
     hidden = re.sub(_MATH, lambda match: "~" * len(match[0]), answer)
-    first_word = re.search(rf"\b(?!(?:and|or|{'|'.join(_KNOWN)})\b)[A-Za-z]{{2,}}", hidden)
+    first_word = re.search(rf"\b(?!(?:and|or|percent|{'|'.join(_KNOWN)})\b)[A-Za-z]{{2,}}", hidden)
     # "$\frac{1}{2}$ since half are red" -> "\frac{1}{2}", "5, not 6" -> "5"
     if first_word and re.search(r"[\d~]", hidden[: first_word.start()]):
         answer = answer[: first_word.start()]

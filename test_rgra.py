@@ -4414,6 +4414,7 @@ PHRASE_THEN_WORDS = [
     (r"So the answer is \( x = 3 \), as the check shows.", "3", r"\( x = 3 \)", True),
     ("The answer is yes, because 91 = 7 * 13.", "Yes", "yes", True),
     ("The answer is yes, because 91 = 7 * 13.", "13", "yes", False),
+    ("The answer is 10 percent of the class.", "0.1", "10 percent", True),
 ]
 
 
