@@ -65,6 +65,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from fractions import Fraction
 
 import sympy
@@ -1378,6 +1379,8 @@ MAX_TEXT_CHARS = 100_000
 # Longer answers are compared as text; REL_TOL applies to numbers written with a decimal point.
 MAX_ANSWER_CHARS = 1000
 REL_TOL = Fraction(1, 10**6)
+# Math in a text: $..$, \(..\), \[..\], a command and its argument (hidden to find words).
+_MATH = r"\$[^$]*\$|\\\(.*?\\\)|\\\[.*?\\\]|\\[A-Za-z]+(?:\{[^{}]*\})?"
 
 # ---- Extraction of the final answer of a completion
 
@@ -1436,14 +1439,21 @@ def _final_box(text):
 
 
 def _phrase_answer(rest):
-    """The answer (or None) that starts rest, the text after "answer is"; in a sentence a number."""
+    """The answer (or None) that starts rest, the text after "answer is", up to its first words;
+    a sentence that starts with words gives its last math or number, else its first clause."""
     answer = re.split(r"\.?\s*I hope|<\||\n", rest.strip()[:MAX_ANSWER_CHARS], maxsplit=1)[0]
-    answer = answer.replace("**", "").strip(" $").rstrip(".").strip(" $")
-    answer = re.sub(r'^\\?"|\\?"$', "", answer).strip(" $")
-    outside_math = re.sub(r"\$[^$]*\$|\\[A-Za-z]+(?:\{[^{}]*\})?", " ", answer)
-    if re.search(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}", outside_math):
-        candidates = re.findall(r"\$[^$]*\$|-?\d[\d,]*(?:\.\d+)?", answer) or [answer]
-        answer = candidates[-1].strip("$ ,")
+    answer = re.sub(r'^\s*\\?"|\\?"\s*$', "", answer.replace("**", "")).strip()
+    hidden = re.sub(_MATH, lambda match: "~" * len(match[0]), answer)
+    first_word = re.search(rf"\b(?!(?:and|or|percent|{'|'.join(_KNOWN)})\b)[A-Za-z]{{2,}}", hidden)
+    # "$\frac{1}{2}$ since half are red" -> "\frac{1}{2}", "5, not 6" -> "5"
+    if first_word and re.search(r"[\d~]", hidden[: first_word.start()]):
+        answer = answer[: first_word.start()]
+    # "The volume of $ABCD$ is 120." -> "120", "yes, as 91 = 7*13" -> "yes": in the first clause
+    elif first_word:
+        clause = re.split(r"[,;:.](?:\s|$)", answer)[0]
+        candidates = re.findall(r"\$[^$]*\$|-?\d[\d,]*(?:\.\d+)?", clause)
+        answer = candidates[-1] if candidates else clause
+    answer = answer.strip(" $,;:").rstrip(".").strip(" $")
     return answer if answer and not re.search(r"\\(?:boxed|fbox)", answer) else None
 
 
@@ -1515,14 +1525,24 @@ _COMMANDS = {
     **{"in": "∈", "%": "%", "lambda": " lamda ", "lfloor": " floor(", "lceil": " ceiling("},
 }
 
+# Unicode math and its LaTeX, a character and its command in pairs: π -> \pi, ≤ -> \le.
+_UNICODE_PAIRS = r"π\pi ∞\infty ≠\ne ≤\le ≥\ge ×\times ·\cdot ⋅\cdot ÷\div √\sqrt −- ∓\mp ∪\cup"
+_UNICODE = dict(re.findall(r"(\S)(\S+)", _UNICODE_PAIRS + r" ∅\emptyset ²^2 ³^3 θ\theta λ\lambda"))
+
 # Rewrites of whole LaTeX constructs, in order; the last one replaces the commands but \sqrt.
 _REWRITES = [
+    # (2, π/2) -> (2, \pi /2)
+    (f"[{''.join(_UNICODE)}]", lambda match: f" {_UNICODE[match[0]]} "),
+    # \frac {1} {2} -> \frac{1} {2}, \log _{10} -> \log_{10}: a command touches its arguments
+    (r"(\\[A-Za-z]+)\s+(?=[{\[_^])", r"\1"),
+    # 12^{\mathrm{th}} -> 12, 3rd -> 3
+    (r"(\d)\^?(\{)?(?:\\(?:text|mathrm)\{)?(?:st|nd|rd|th)\}?(?(2)\})(?![A-Za-z])", r"\1"),
     # \begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix} -> (( 1 , 2 ),( 3 , 4 ))
-    (r"\\begin\{(?:\w?matrix|array\}\{[^{}]*)\}(.*?)\\end\{(?:\w?matrix|array)\}", _matrix),
+    (r"\\begin\{ ?(?:\w?matrix|array\}\{[^{}]*) ?\}(.*?)\\end\{ ?(?:\w?matrix|array) ?\}", _matrix),
     # \\frac{1}{2} -> \frac{1}{2}
     (r"(?<!\\)\\\\(?=[a-zA-Z])", r"\\"),
-    # 10{,}000 -> 10,000
-    (r"\s*\{\s*,\s*\}\s*|,\s*\\!\s*", ","),
+    # 10{,}000 -> 10000, \frac{12}{5,\!525} -> \frac{12}{5525}
+    (r"(?<=\d)(?:\s*\{\s*,\s*\}\s*|,\s*\\!\s*)(?=\d{3})", ""),
     # 45^{\circ} -> 45
     (r"\^\s*\{?\s*\\circ\s*\}?|°", ""),
     # 28 percent -> 28%
@@ -1533,22 +1553,23 @@ _REWRITES = [
     (r"\\?\$|\\[()\[\]]|\b(?:np|math)\.|~", " "),
     # {1,3} -> 1,3
     (r"^\s*\{([^{}]*)\}\s*$", r"\1"),
-    # \arcsin x -> " asin  x"
-    (r"\\?\barc(sin|cos|tan)", r" a\1 "),
+    # \arcsin x -> " asin  x", \tan^{-1} x -> " atan  x"
+    (r"\\?\barc(sin|cos|tan)|\\(sin|cos|tan)\s*\^\s*\{?\s*-1\s*\}?", r" a\1\2 "),
     # \dfrac{1}{2} -> \frac{1}{2}
     (r"\\[dtc]frac", r"\\frac"),
     # 1, 2, \ldots -> 1, 2, …
     (r"\.\.\.|\\[lc]?dots\b", "…"),
     # 1\frac{4}{5} -> (1+4/5) and 4 4/9 -> (4+4/9); one pair of the groups 2-5 is empty
-    (r"(?<![\w.}^])(\d+)(?:\s*\\frac\{(\d+)\}\{(\d+)\}| (\d+)/(\d+)(?![\d.]))", r"(\1+\2\4/\3\5)"),
+    (
+        r"(?<![\w.}^])(\d+)(?:\s*\\frac\{ ?(\d+) ?\}\{ ?(\d+) ?\}| (\d+)/(\d+)(?![\d.]))",
+        r"(\1+\2\4/\3\5)",
+    ),
     # \frac12 -> \frac{1}2
     (r"\\(frac|sqrt|binom)\s*(\w)", r"\\\1{\2}"),
     # \frac{1}2 -> \frac{1}{2}
     (r"(\\(?:frac|binom)\{[^{}]*\})\s*(\w)", r"\1{\2}"),
-    # \log_2 8 -> " log(8,2)"
-    (r"\\log\s*_\s*\{?(\w+)\}?\s*\(?(\w+)\)?", r" log(\2,\1)"),
-    # \ln e^2 -> \ln{e^2}
-    (r"\\(ln|log|exp|sin|cos|tan)\s+([\w.]+\^\{?[\w.]+\}?)", r"\\\1{\2}"),
+    # \log_2 8 -> " log(8,2)", (4, \log_{10}(2)) -> (4, log(2,10))
+    (r"\\log\s*_\s*\{?\s*(\w+)\s*\}?\s*(?:\((\w+)\)|(\w+))", r" log(\2\3,\1)"),
     # \cdot \pi -> "*  pi "
     (r"\\(?!sqrt\b)([A-Za-z]+|[,;:! %])", lambda match: _COMMANDS.get(match[1], match[0])),
 ]
@@ -1559,13 +1580,13 @@ _TEXT = r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm)\s*\{\s*"
 # Rewrites of brace groups, repeated until none applies (50 rounds at most).
 _GROUPS = [
     # \frac{1}{2} -> ((1)/(2))
-    (rf"\\frac{_ARG}{_ARG}", r"((\1)/(\2))"),
+    (rf"\\frac{_ARG}\s*{_ARG}", r"((\1)/(\2))"),
     # \binom{5}{2} -> " binomial(5,2)"
-    (rf"\\binom{_ARG}{_ARG}", r" binomial(\1,\2)"),
+    (rf"\\binom{_ARG}\s*{_ARG}", r" binomial(\1,\2)"),
     # \sqrt[3]{8} -> ((8)**(1/(3)))
     (rf"\\sqrt\s*\[([^\[\]{{}}]*)\]\s*{_ARG}", r"((\2)**(1/(\1)))"),
-    # \sqrt{2} -> " sqrt(2)"
-    (rf"\\sqrt\s*{_ARG}", r" sqrt(\1)"),
+    # \sqrt{2} -> " sqrt(2)", and \sqrt(2) too
+    (rf"\\sqrt\s*(?:{_ARG}|\(([^()]*)\))", r" sqrt(\1\2)"),
     # 2 \text{ and } 3 -> "2 , 3"
     (_TEXT + r"(?:and|or|,)\s*\}", ","),
     # \text{x} = 5 -> x = 5
@@ -1580,6 +1601,11 @@ _GROUPS = [
     (rf"(?<![\\\w}}\]]){_ARG}", r"(\1)"),
 ]
 
+# Functions that take an argument without parentheses, one factor of such an argument (x**2), an
+# item of a list with balanced parentheses (1+sqrt(5)).
+_APPLIED = r"(?:a?(?:sin|cos|tan)h?|sec|csc|cot|log|exp)\b"
+_TERM = rf"(?!{_APPLIED})[\w.]+(?:\*\*(?:\([^()]*\)|[\w.]+))?"
+_ITEM = r"(?:[^,{}()]|\([^()]*\))*"
 # Rewrites of the plain text that is left, in order.
 _CLEANUP = [
     # "1 \n 2" -> "1 2"
@@ -1596,14 +1622,22 @@ _CLEANUP = [
     (r"(\d) (?=\d{3}(?!\d))", r"\1"),
     # 1 or 2; 3 -> "1 , 2, 3"
     (r"\b(?:and|or)\b|;", ","),
-    # x ∈ (1,2) -> " (1,2)"
-    (r"^ ?\w ?∈", ""),
+    # sin x cos x -> sin(x) cos(x), sin**2 2x -> sin(2x)**2: an argument ends at an operator or name
+    (rf"\b({_APPLIED}) ?(\*\* ?(?:\([^()]*\)|\w+))? ?({_TERM}(?: {_TERM})*)(?![\w(])", r"\1(\3)\2"),
+    # λ ∈ (1,2) -> " (1,2)"
+    (r"^ ?[A-Za-z]\w* ?∈", ""),
     # 12 square inches -> 12
     (rf"(?<=[\d)]) (?!(?:{'|'.join(_KNOWN)})\b)[A-Za-z][A-Za-z.]+(?: [A-Za-z][A-Za-z.]*)* ?$", ""),
     # x _1 + 2 -> x_1+2
     (r" ?([^\w ]) ?| (_)", r"\1\2"),
     # 2 n -> 2n
     (r"\b(\d+) (?=[A-Za-z])", r"\1"),
+    # \{x|-1<x<1\} -> -1<x<1: a set given by a condition is the condition's solutions
+    (r"^\\\{[A-Za-z]\w*(?:∈[^|:]*)?[|:](.+)\\\}$", r"\1"),
+    # \{1±sqrt(5),-2\} -> \{1+sqrt(5),1-sqrt(5),-2\}: a ± b in a set or list is two answers
+    (rf"(?<![^,{{])({_ITEM})±({_ITEM})(?=$|,|\\\}})", r"\1+\2,\1-\2"),
+    # 5:8 -> (5/8), a ratio; a time 10:30 (1-2 digits, then 2) stays
+    (r"(?<![\w.:])(?!\d\d?:\d\d(?![\w.:]))(\d+):(\d+)(?![\w.:])", r"(\1/\2)"),
 ]
 
 
@@ -1615,7 +1649,9 @@ def _normalize(s):
     outside_text = re.sub(r"\x00[^\x00\x01]*\x01(?:_\w+|\^\(?[23]\)?)?", " ", s)
     if re.search(r"\w", outside_text):
         s = outside_text
-    return _rewrite(_CLEANUP, s.replace("\x00", "").replace("\x01", "")).strip().rstrip(".,")
+    # \boxed{3:1.} -> "3:1": a sentence's period goes before the rules that read the end
+    s = s.replace("\x00", "").replace("\x01", "").strip().rstrip(".,")
+    return _rewrite(_CLEANUP, s).strip().rstrip(".,")
 
 
 # ---- Structure: unions, sets, tuples and intervals, lists, relations; then single values
@@ -1638,11 +1674,11 @@ def _split(s, separator=","):
 
 
 def _interval(s):
-    """The interval of an inequality in one variable, or None: x>3 -> (3,oo), -2<x<=5 -> (-2,5]."""
+    """The interval of an inequality in any variable, or None: x>3 -> (3,oo), 3<mu<=4 -> (3,4]."""
     parts = re.split(r"(<=|>=|<|>)", s)
     if len(parts) in (3, 5) and ">" in parts[1]:
         parts = [_FLIP.get(part, part) for part in reversed(parts)]
-    variable = r"[A-Za-z](?:_\w+)?(?:\([A-Za-z]\))?"
+    variable = r"(?!(?:pi|e|i|oo)\b)[A-Za-z]+(?:_\w+)?(?:\([A-Za-z]\))?"
     if len(parts) == 3:
         parts = ["-oo", "<", *parts] if re.fullmatch(variable, parts[0]) else [*parts, "<", "oo"]
     if len(parts) != 5 or not re.fullmatch(variable, parts[2]) or ">" in parts[1] + parts[3]:
@@ -1653,7 +1689,7 @@ def _interval(s):
 
 
 def _shape(s):
-    """(kind, items, brackets) of an answer: "union", "set", "tuple", "list" (a ± b) or "leaf"."""
+    """(kind, items, brackets) of an answer: "union", "set", "tuple", "list" or "leaf"."""
     depths = _depths(s)
     # (1,2] or \{1\} is one bracket group, (1)(2) is not.
     one_group = len(s) > 2 and 0 not in depths[1:-1] and depths[-1] == 0
@@ -1666,8 +1702,6 @@ def _shape(s):
         return _shape(items[0]) if len(items) == 1 else ("tuple", items, s[0] + s[-1])
     if len(_split(s)) > 1:
         return "list", _split(s), ""
-    if s.count("±") == 1:
-        return "list", [s.replace("±", "+"), s.replace("±", "-")], ""
     interval = _interval(s)
     return _shape(interval) if interval else ("leaf", [s], "")
 
@@ -1696,9 +1730,9 @@ def _equal(pred, gold):
 
 
 def _relation(s):
-    """[side, operator, side, ...] of s; x = 1/3 ≈ 0.33 drops its ≈ tail, x ≈ 11 is x = 11."""
+    """[side, op, side, ...] of s; x = 1/3 ≈ 0.33 and 2/3 ≈ 0.67 drop the ≈ tail; x ≈ 11 is x=11."""
     parts = [part.strip() for part in re.split(r"(<=|>=|!=|<|>|=|≈)", s)]
-    if "≈" in parts and "=" in parts[: parts.index("≈")]:
+    if "≈" in parts and ("=" in parts[: parts.index("≈")] or not re.search("[A-Za-z]", parts[0])):
         return parts[: parts.index("≈")]
     return ["=" if part == "≈" else part for part in parts]
 
@@ -1790,6 +1824,9 @@ def _value_equal(pred, gold):
     if any(bases):
         digits = [match[1] if match else s for match, s in zip(bases, (pred, gold), strict=True)]
         return digits[0].lower() == digits[1].lower() and len({m[2] for m in bases if m}) == 1
+    # No = no, YES = yes: a word in any case (x and X stay two variables).
+    if re.fullmatch(r"[A-Za-z]{2,}", pred) and pred.lower() == gold.lower():
+        return True
     exact = not re.search(r"\d\.|\.\d|\de", f"{pred} {gold}")
     numbers = [_number(pred), _number(gold)]
     if None not in numbers:
@@ -1809,7 +1846,9 @@ def _value_equal(pred, gold):
 
 
 def _samples(*exprs):
-    """Yield exprs' complex values (None if not finite) at 3 points (symbol k at base**(1+k/7))."""
+    """Yield exprs' complex values (None if not finite) at 3 points; p(0) is one more variable."""
+    applied = set().union(*(expr.atoms(sympy.core.function.AppliedUndef) for expr in exprs))
+    exprs = [expr.xreplace({f: sympy.Symbol(str(f)) for f in applied}) for expr in exprs]
     symbols = sorted(set().union(*(expr.free_symbols for expr in exprs)), key=str)
     for base in (2.618034, 1.324718, 3.236068) if symbols else (2.618034,):
         point = {s: sympy.Float(base ** (1 + k / 7) + k / 10) for k, s in enumerate(symbols)}
@@ -1843,8 +1882,12 @@ def _to_sympy(s):
     # Powers and factorials are evaluated capped; "implicit" reads 2x; no builtins can be called.
     names = "Symbol Integer Float Rational Function Add Mul Pow I"
     calls = {name: getattr(sympy, name) for name in names.split()} | {"__builtins__": {}}
+    # p(0) is p at 0, not p*0: a letter only ever applied to a number or a letter is a function
+    applied = re.findall(r"(?<![A-Za-z_.])([A-Za-z])\((?:[-+]?[\d./]+|[A-Za-z])\)", s)
+    letters = re.findall(r"(?<![A-Za-z_])[A-Za-z](?![A-Za-z_])", s)
+    functions = {f: sympy.Function(f) for f in applied if applied.count(f) == letters.count(f)}
     try:
-        expr = sympy.parse_expr(s, dict(_NAMES), "implicit", calls, evaluate=not risky)
+        expr = sympy.parse_expr(s, functions | _NAMES, "implicit", calls, evaluate=not risky)
         expr = _evaluate_capped(expr) if risky else expr
     except sympy.parsing.sympy_parser.TokenError:
         return None
@@ -1853,48 +1896,80 @@ def _to_sympy(s):
     return expr if isinstance(expr, sympy.Expr) and not expr.has(sympy.Tuple) else None
 
 
-# ---- The worker process: one, forked (as PyTorch's DataLoader does: fine for any thread)
+# ---- The worker process: one per grading process, forked (fine for any thread)
 
 
-def _worker_loop(conn, parent_end):
-    """Receive (pred, gold) on conn and send (equal, status) until EOF: the parent is gone."""
-    # The fork's copy of the parent's end would hide EOF; terminate() must end the worker.
-    parent_end.close()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.setpgrp()  # signals to the trainer's process group (Ctrl-C, torchrun's) spare it
-    while True:
-        pred, gold = conn.recv()
-        try:
-            conn.send((bool(_equal(pred, gold)), "ok"))
-        except Exception as error:
-            print(f"grader error on {pred!r} vs {gold!r}: {error!r}", file=sys.stderr)
-            conn.send((False, "error"))
+def _decide(pred, gold):
+    """(equal, status) of _equal(pred, gold), "error" for a bug (printed), warnings silenced."""
+    try:
+        with warnings.catch_warnings(action="ignore"):
+            return bool(_equal(pred, gold)), "ok"
+    except Exception as error:
+        print(f"grader error on {pred!r} vs {gold!r}: {error!r}", file=sys.stderr)
+        return False, "error"
 
 
 class _SympyWorker:
-    """The worker process running _equal, forked at the first call and after a timeout or death."""
+    """The worker process running _decide, forked (os.fork: it works in daemonic Pool workers and
+    under any start method) at the first call and after a timeout or death. It belongs to the pid
+    that forked it: a forked child forks its own. Without fork (Windows) _decide runs in a daemon
+    thread waited for as long (one that overruns runs on to its end, bounded by the size caps)."""
 
-    lock = threading.Lock()
-    proc = None
-    conn = None
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.owner = os.getpid()
+        self.pid = None
+
+    def start(self):
+        """Fork the worker; False if no process can be forked."""
+        try:
+            self.conn, child_end = multiprocessing.Pipe()
+            # Python 3.12 warns of a fork beside threads: the worker only runs _decide.
+            with warnings.catch_warnings(action="ignore", category=DeprecationWarning):
+                self.pid = os.fork()
+        except (AttributeError, OSError):
+            return False
+        # The worker answers on child_end until EOF (the parent is gone; its end's copy would hide
+        # EOF); SIGTERM ends it; the trainer's signals to its group (Ctrl-C, torchrun's) spare it.
+        if self.pid == 0:
+            try:
+                self.conn.close()
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.setpgrp()
+                while True:
+                    child_end.send(_decide(*child_end.recv()))
+            finally:
+                os._exit(0)
+        child_end.close()
+        return True
+
+    def alive(self):
+        """True if the worker runs; a dead one is reaped."""
+        try:
+            return self.pid is not None and os.waitpid(self.pid, os.WNOHANG)[0] == 0
+        except ChildProcessError:
+            return False
 
     def call(self, pred, gold, timeout):
-        """(equal, status) of _equal(pred, gold) in the worker; a timeout kills it, death errs."""
+        """(equal, status) of _decide(pred, gold) in the worker; a timeout kills it, death errs."""
+        if self.owner != os.getpid():
+            self.__init__()
         with self.lock:
-            if self.proc is None or not self.proc.is_alive():
-                self.conn, child = multiprocessing.Pipe()
-                context = multiprocessing.get_context("fork")
-                self.proc = context.Process(target=_worker_loop, args=(child, self.conn))
-                self.proc.daemon = True
-                self.proc.start()
+            if not self.alive() and not self.start():
+                results = []
+                thread = threading.Thread(target=lambda: results.append(_decide(pred, gold)))
+                thread.daemon = True
+                thread.start()
+                thread.join(timeout)
+                return results[0] if results else (False, "timeout")
             try:
                 self.conn.send((pred, gold))
                 if self.conn.poll(timeout):
                     return self.conn.recv()
             except (EOFError, OSError):
                 return False, "error"
-            self.proc.kill()
-            self.proc.join()
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
             return False, "timeout"
 
 
@@ -1903,7 +1978,7 @@ _WORKER = _SympyWorker()
 
 def _answer_part(s):
     """s, or in a text with words around its math its box, answer phrase or last math span."""
-    math = r"\$[^$]*\$|\\\(.*?\\\)|\\\[.*?\\\]|\\[A-Za-z]+(\{[^{}]*\})?|\b(and|or)\b"
+    math = _MATH + r"|\b(and|or)\b"
     if not re.search(r"\\(?:boxed|fbox)", s) and not re.search(r"[A-Za-z]{3}", re.sub(math, "", s)):
         return s
     spans = re.findall(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\(([^\n]+?)\\\)|\$([^$\n]+?)\$", s, re.S)
@@ -1935,8 +2010,9 @@ def answers_equal(pred, gold, timeout=1.0):
 
 def grade(text, gold, timeout=1.0):
     """Grade one completion: (correct, answer, status), answer = extract_answer(text) and (correct,
-    status) = answers_equal(answer, gold, timeout)."""
-    answer = extract_answer(text)
+    status) = answers_equal(answer, gold, timeout). Never raises; works in any process (a Pool
+    worker, a forked child, under spawn); a text that is not a str has no answer."""
+    answer = extract_answer(text if isinstance(text, str) else None)
     correct, status = answers_equal(answer, gold, timeout)
     return correct, answer, status
 

@@ -3,8 +3,8 @@
 Pairs are built from the gold answers of the files in shared/data: each gold is paired
 with itself re-written in an equivalent notation and with a near-miss that is not equal.
 With --public, instead: agreement of rgra's grader and of Math-Verify with the public grader
-cases of bench/grader_cases.jsonl (the expected values their sources assert); without
-Math-Verify installed, rgra's agreement only.
+cases of bench/grader_cases.jsonl (the expected values their sources assert), and the seconds of
+one pass, each grader in a fresh process; without Math-Verify installed, rgra's agreement only.
 Usage:  python bench/bench_grader.py [--data DIR] [--n N] [--seed S]
         python bench/bench_grader.py --public
 Needs:  pip install -r bench/requirements.txt  (math-verify)
@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import re
+import subprocess
 import sys
 import time
 
@@ -137,28 +138,52 @@ def math_verify_equal(pred, gold, box):
         return False
 
 
-def run_public():
-    """Print how many public grader cases rgra (and Math-Verify, if installed) agree with."""
+# The graders that --public scores, each run alone in a fresh process (no cache warmed by another).
+PUBLIC_GRADERS = {
+    "rgra answers_equal": "rgra",
+    "Math-Verify, raw strings": "raw",
+    "Math-Verify, bare answers boxed": "boxed",
+}
+
+
+def score_public(grader):
+    """Print "agreeing cases, cases, seconds" of one grader ("rgra", "raw" or "boxed" Math-Verify)
+    over the public cases: one pass, after one warm-up call (rgra's worker started)."""
     with open(PUBLIC_CASES) as cases_file:
         cases = [json.loads(line) for line in cases_file]
-    agree = sum(answers_equal(case["pred"], case["gold"])[0] == case["expected"] for case in cases)
-    print(f"{'rgra answers_equal':34}: {agree}/{len(cases)} agree with the sources")
+    if grader == "rgra":
+        answers_equal("x+1", "1+x")
+        start = time.perf_counter()
+        verdicts = [answers_equal(case["pred"], case["gold"])[0] for case in cases]
+    else:
+        # Math-Verify logs every parse failure.
+        logging.disable(logging.WARNING)
+        math_verify_equal("x+1", "1+x", grader == "boxed")
+        start = time.perf_counter()
+        verdicts = [math_verify_equal(c["pred"], c["gold"], grader == "boxed") for c in cases]
+    seconds = time.perf_counter() - start
+    agree = sum(verdict == case["expected"] for verdict, case in zip(verdicts, cases, strict=True))
+    print(agree, len(cases), seconds)
+
+
+def run_public():
+    """Print how many public grader cases rgra (and Math-Verify, if installed) agree with, and
+    the seconds each takes over all of them, each grader alone in a fresh process."""
     try:
         import math_verify  # noqa: F401 (only to know whether it is installed)
     except ImportError:
         print("Math-Verify is not installed (pip install -r bench/requirements.txt): skipped")
-        return
-    # Math-Verify logs every parse failure.
-    logging.disable(logging.WARNING)
-    for name, box in (
-        ("Math-Verify, raw strings", False),
-        ("Math-Verify, bare answers boxed", True),
-    ):
-        verdicts = [math_verify_equal(case["pred"], case["gold"], box) for case in cases]
-        agree = sum(
-            verdict == case["expected"] for verdict, case in zip(verdicts, cases, strict=True)
-        )
-        print(f"{name:34}: {agree}/{len(cases)} agree with the sources")
+    our_seconds = None
+    for name, grader in PUBLIC_GRADERS.items():
+        if grader != "rgra" and "math_verify" not in sys.modules:
+            break
+        command = [sys.executable, os.path.abspath(__file__), "--score-public", grader]
+        out = subprocess.run(command, capture_output=True, text=True, check=True)
+        agree, cases, seconds = out.stdout.split()[-3:]
+        seconds = float(seconds)
+        ratio = f" ({seconds / our_seconds:.1f}x rgra's time)" if our_seconds else ""
+        our_seconds = our_seconds or seconds
+        print(f"{name:34}: {agree}/{cases} agree with the sources, {seconds:.2f} s{ratio}")
 
 
 def main():
@@ -168,7 +193,11 @@ def main():
     parser.add_argument("--n", type=int, default=2000, help="number of (pred, gold) pairs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--public", action="store_true", help="score bench/grader_cases.jsonl")
+    parser.add_argument("--score-public", choices=PUBLIC_GRADERS.values(), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.score_public:
+        score_public(args.score_public)
+        return
     if args.public:
         run_public()
         return

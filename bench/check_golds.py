@@ -1,5 +1,5 @@
-"""Checks over every row of the full benchmark and training files (the shared/data folder beside the
-repository): what test_rgra.py checks on small files built in code, here on the real ones.
+r"""Checks over every row of the full benchmark and training files (the shared/data folder beside
+the repository): what test_rgra.py checks on small files built in code, here on the real ones.
 
   1. rows and golds: every row of every *.jsonl file has a question and, but for the known rows
      without any, a gold answer: rgra.gold_answer for the training files (what rgra.py trains on),
@@ -11,6 +11,11 @@ repository): what test_rgra.py checks on small files built in code, here on the 
      AIME's '025') equals the clean gold.
   3. eval.load_benchmark: the six benchmarks load from --data with their published sizes and
      known first golds.
+  4. golds as models write them: every distinct gold rewritten (spaces in and after commands,
+     \dfrac, \left( \right), Unicode, thousands separators, \$, \displaystyle, a set) is equal to
+     it, and so is the answer of completions around it (answer phrases followed by words, an
+     earlier box, \( \), a period or a unit in the box, "and" between boxes); the same built from a
+     near miss (its first number plus one) is not.
 
 Usage:  python bench/check_golds.py [--data DIR]     (default: ../shared/data beside the repository)
 Prints counts; exits 1 when a check fails (each failure listed), 2 when the folder is missing.
@@ -18,8 +23,10 @@ Prints counts; exits 1 when a check fails (each failure listed), 2 when the fold
 
 import argparse
 import ast
+import collections
 import glob
 import os
+import re
 import sys
 import time
 
@@ -174,6 +181,112 @@ def check_benchmark(name, data, failures):
     print(f"eval.load_benchmark({name!r}): {len(problems)} problems")
 
 
+# LaTeX and the Unicode character a model may write instead.
+UNICODE = [
+    (r"\\pi(?![A-Za-z])", "π"),
+    (r"\\leq?(?![A-Za-z])", "≤"),
+    (r"\\geq?(?![A-Za-z])", "≥"),
+    (r"\\neq?(?![A-Za-z])", "≠"),
+    (r"\\times(?![A-Za-z])", "×"),
+    (r"\\cdot(?![A-Za-z])", "·"),
+    (r"\\infty(?![A-Za-z])", "∞"),
+    (r"(?<![\\\w])-", "−"),
+    (r"\\sqrt\{([^{}]*)\}", r"√(\1)"),
+    (r"\\sqrt(\d)", r"√\1"),
+]
+
+
+def rewritten(gold):
+    """[(kind, text)]: the gold as models also write it, each equal to it."""
+    unicode = gold
+    for latex, character in UNICODE:
+        unicode = re.sub(latex, character, unicode)
+    variants = [
+        ("spaces after commands", re.sub(r"(\\[A-Za-z]+)(?=[{_^\[])", r"\1 ", gold)),
+        ("spaces in braces", re.sub(r"(?<!\\)\}", " }", re.sub(r"(?<!\\)\{", "{ ", gold))),
+        ("\\dfrac", gold.replace("\\frac", "\\dfrac")),
+        ("\\left( \\right)", gold.replace("(", "\\left(").replace(")", "\\right)")),
+        ("Unicode", unicode),
+        ("\\displaystyle", "\\displaystyle " + gold),
+    ]
+    if re.fullmatch(r"\d{4,}", gold):
+        variants.append(("thousands \\,", re.sub(r"(?<=\d)(?=(?:\d{3})+$)", r"\\,", gold)))
+        variants.append(("thousands ,", f"{int(gold):,}"))
+    if re.fullmatch(r"-?\d+(?:\.\d+)?", gold):
+        variants.append(("\\$", "\\$" + gold))
+    if "," in gold and not re.search(r"[()\[\]{}]", gold):
+        variants.append(("set", "\\{" + gold + "\\}"))
+    return [(kind, text) for kind, text in variants if text != gold]
+
+
+def completions(gold):
+    """[(kind, text)]: completions whose final answer is the gold."""
+    texts = [
+        ("phrase, then words", f"The answer is ${gold}$ since this satisfies every condition."),
+        ("final phrase, then words", f"The final answer is ${gold}$ in total."),
+        ("phrase, then a sentence", f"The answer is ${gold}$. This is 3 more than the guess."),
+        (
+            "an earlier box",
+            f"First $\\boxed{{7}}$ for part one.\n\nSo the answer is $\\boxed{{{gold}}}$.",
+        ),
+        (
+            "box, then words",
+            f"Therefore the answer is $\\boxed{{{gold}}}$, which is what we wanted.",
+        ),
+        ("markdown", f"**Final Answer:** $\\boxed{{{gold}}}$"),
+        ("\\( \\), then words", f"So the answer is \\( {gold} \\), as computed above."),
+        ("period in the box", f"Thus $\\boxed{{{gold}.}}$"),
+    ]
+    if re.fullmatch(r"-?[\d,.]+", gold):
+        texts.append(("unit in the box", f"So the answer is $\\boxed{{{gold} \\text{{ cm}}}}$."))
+        texts.append(("phrase, then a unit", f"The answer is {gold} dollars."))
+    # Several answers, one box each ("1, 2" but not the digit groups of 15,600).
+    if "," in gold and not re.search(r"[()\[\]{}]|\d,\s*(?:\\!)?\s*\d{3}", gold):
+        boxes = " and ".join(f"$\\boxed{{{part.strip()}}}$" for part in gold.split(","))
+        texts.append(("boxes joined by and", f"The solutions are {boxes}."))
+    return texts
+
+
+def written_cases(gold):
+    """[(kind, text, expected, verdict)] of check 4 for one gold: verdict(text, gold)[0] must be
+    expected (answers_equal for a rewritten gold, grade for a completion)."""
+    cases = [(kind, text, True, rgra.answers_equal) for kind, text in rewritten(gold)]
+    cases += [(kind, text, True, rgra.grade) for kind, text in completions(gold)]
+    number = re.search(r"(?<![\d.])\d+", gold)
+    if number:
+        near = gold[: number.start()] + str(int(number[0]) + 1) + gold[number.end() :]
+        for kind, text in [("as it is", near)] + rewritten(near):
+            cases.append((f"near miss, {kind}", text, False, rgra.answers_equal))
+        for kind, text in completions(near):
+            cases.append((f"near miss, {kind}", text, False, rgra.grade))
+    return cases
+
+
+def check_written(golds, failures):
+    """Check 4: each distinct gold rewritten and in completions is equal to itself; the same
+    built from a near miss (the gold's first number plus one) is not."""
+    checked = collections.Counter()
+    missed = collections.Counter()
+    distinct = sorted({gold for _, gold in golds})
+    # Rewritten without its $..$ (the Dr. GRPO files); an answer phrase ends at the line's end
+    # and a $ ends a math span, so a gold with a newline or a $ inside (OlympiadBench's prose) is
+    # only boxed (check 2).
+    bare = {gold: re.sub(r"^\$(.*)\$$", r"\1", gold) for gold in distinct}
+    written = [gold for gold in distinct if not re.search(r"\n|(?<!\\)\$", bare[gold])]
+    for gold in written:
+        for kind, text, expected, verdict in written_cases(bare[gold]):
+            checked[kind] += 1
+            if verdict(text, gold)[0] is not expected:
+                missed[kind] += 1
+                failures.add(f"{kind}: {text!r} against gold {gold!r}: {verdict(text, gold)}")
+    for kind in checked:
+        print(f"  {kind:45}: {checked[kind] - missed[kind]}/{checked[kind]} as expected")
+    print(
+        f"golds as models write them: {len(written)} of {len(distinct)} distinct golds, "
+        f"{sum(checked.values())} variants and completions checked"
+    )
+
+
 def main(argv=None):
     """Run the three checks on --data; the exit status: 0, 1 on a failure, 2 without the folder."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -188,6 +301,7 @@ def main(argv=None):
     start = time.time()
     golds = check_rows(data, failures)
     check_reformatted(golds, failures)
+    check_written(golds, failures)
     for name in BENCHMARKS:
         check_benchmark(name, data, failures)
     print(f"{len(failures)} failures ({time.time() - start:.0f} s)")
