@@ -68,10 +68,13 @@ import time
 import warnings
 from fractions import Fraction
 
+import huggingface_hub
 import sympy
 import torch
 import torch.distributed as dist
+from matplotlib.figure import Figure
 from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
 # ==== Configuration: every setting a flag; --algo picks the objective's preset (the table above)
 
@@ -113,8 +116,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def option(default, help, choices=None, at_least=None, grpo=None):
-    """A Config field with its --help text, its allowed values and its lower bound, if any. An
-    objective field has default None and grpo, GRPO's value: Config fills it from the preset."""
+    """A Config field: its --help text, allowed values, lower bound and, for the objective, grpo."""
     metadata = {"help": help, "choices": choices, "at_least": at_least, "grpo": grpo}
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -243,8 +245,10 @@ def parse_args(argv=None):
 def rl_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, cursor, cfg):
     """One RL step on the P problems ({"question", "answer"}) at position cursor of the data order;
     ref_model is pi_ref when kl_coef > 0 (under LoRA None: the policy, adapters off). Returns the
-    step's metrics, all ranks', with the next cursor. ValueError for a bad config (check_step)."""
-    check_step(cfg, ref_model)
+    step's metrics (all ranks') and next cursor. ValueError first for a bad config or ref_model."""
+    check_config(cfg)
+    if cfg.kl_coef > 0 and ref_model is None and not cfg.lora_rank:
+        raise ValueError("kl_coef > 0 needs ref_model, the reference model (or lora_rank > 0)")
     P = cfg.prompts_per_step
     G = cfg.group_size
     start = time.time()
@@ -342,8 +346,6 @@ def sample(model, tokenizer, prompts, n, cfg):
     gen_batch_size, template and share_prompt: prompt_ids (P token-id lists), and prompt-major (row
     i * n + k is prompt i's k-th) completion_ids, texts and truncated (bool). A completion ends at
     its first EOS or stop string: with pad == eos (Qwen) EOS is never learned (TRL PR #6357)."""
-    from transformers import GenerationConfig
-
     model.eval()
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     # Every id that ends a completion: Qwen lists several.
@@ -728,8 +730,6 @@ def prefill_prompts(model, ids, mask, n):
     token, repeated n times (p * n rows): generate runs only what its cache lacks, so a prompt runs
     once, not n times. SmolLM2-135M on one CPU thread, 8 prompts x 8, 48 tokens: sampling takes
     22.7 s of CPU time with it, 29.2 s without."""
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=model.config)
     if ids.shape[1] > 1:
         pos = positions(mask)[:, :-1]
@@ -743,8 +743,6 @@ def prefill_prompts(model, ids, mask, n):
 def shared_prompt_logits(model, prompt_ids, prompt, prompt_mask, completion, completion_mask):
     """completion_logprobs' logits (m, T, V), each distinct prompt run once and its KV cache indexed
     out to its completions. Gradients flow through the cache: the same loss and gradients."""
-    from transformers import DynamicCache
-
     # Each row's prompt among the distinct ones, and the first row of each distinct prompt.
     distinct = {}
     index = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
@@ -768,10 +766,9 @@ def shared_prompt_logits(model, prompt_ids, prompt, prompt_mask, completion, com
     return torch.cat([out.logits[index], rest.logits[:, :-1]], dim=1)
 
 
-# ---- More than one GPU: torchrun starts one process (rank) per GPU, each running this file.
-# Every rank holds the whole rollout; whole groups are split among the ranks for sampling and
-# for the log-prob and backward passes, and the sums over the ranks make the update the same
-# as one process's (TRL #2881, prime-rl #600).
+# ---- More than one GPU: torchrun starts one process (rank) per GPU, each running this file. Every
+# rank holds the whole rollout, runs its share of the groups, and sums over the ranks make the
+# update one process's (TRL #2881, prime-rl #600).
 
 
 def start_distributed(cfg):
@@ -895,14 +892,6 @@ def check_config(cfg):
     if cfg.dynamic_sampling and not cfg.drop_equal_groups:
         message = "--dynamic-sampling refills the groups that --drop-equal-groups drops: set both"
         raise ValueError(message)
-
-
-def check_step(cfg, ref_model):
-    """ValueError, naming what is wrong or missing, before rl_step does any work: a config that
-    check_config refuses, or no reference model where KL needs one."""
-    check_config(cfg)
-    if cfg.kl_coef > 0 and ref_model is None and not cfg.lora_rank:
-        raise ValueError("kl_coef > 0 needs ref_model, the reference model (or lora_rank > 0)")
 
 
 def check_inputs(cfg):
@@ -1078,16 +1067,12 @@ def check_model(name):
     the hub answers for: one request, no retries, so that offline it fails at once."""
     if os.path.exists(name):
         return
-    import huggingface_hub
-
     # A typo, offline, a private model: say which, in one line.
     try:
         if huggingface_hub.try_to_load_from_cache(name, "config.json") is None:
             huggingface_hub.model_info(name, timeout=10)
     except Exception as e:
-        reason = (
-            f"no such file or folder, nor a hub model cached or online ({type(e).__name__}: {e})"
-        )
+        reason = f"no such file or folder, nor a hub model ({type(e).__name__}: {e})"
         raise FileNotFoundError(f"--model {name}: {reason}".splitlines()[0]) from None
 
 
@@ -1095,8 +1080,6 @@ def load_policy(name, device, dtype=torch.float32):
     """(model, tokenizer) from a Hugging Face folder, a hub id or a .gguf file (de-quantized: an
     ordinary checkpoint is saved), or FileNotFoundError (check_model). The tokenizer pads on the
     left, EOS if it has no pad. Dropout is off: log-prob passes would disagree (TRL #3500)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     check_model(name)
     folder = name
     gguf = None
@@ -1284,10 +1267,9 @@ TOKEN_STATS = ("kl", "entropy", "ratio_mean", "clip_low_frac", "clip_high_frac")
 
 
 def clipped(ratio, advantages, cfg):
-    """Where the clip acts, (m, T) bool on the low and on the high side, of ratios (m, T) and
-    advantages (m,): below 1 - eps_low with A < 0 and above 1 + eps_high with A > 0, the tokens
-    whose gradient the min zeroes; CISPO clips its weight on either side whatever A; pg and nll
-    have no clip."""
+    """Where the clip acts, (m, T) bool each side, of ratios (m, T), advantages (m,): below 1 -
+    eps_low with A < 0, above 1 + eps_high with A > 0, the tokens whose gradient the min zeroes;
+    CISPO clips its weight on either side whatever A; pg and nll have no clip."""
     A = advantages.unsqueeze(1)  # (m, 1)
     low = ratio < 1 - cfg.eps_low
     high = ratio > 1 + cfg.eps_high
@@ -1337,9 +1319,7 @@ class StepStats:
 
 def plot_metrics(metrics_path, png_path):
     """Reward, accuracy, lengths, KL, entropy and clip fraction against step, into a PNG."""
-    # No pyplot: no GUI backend, no global figure state.
-    from matplotlib.figure import Figure
-
+    # matplotlib's Figure, not pyplot: no GUI backend, no global figure state.
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     panels = ["reward_mean accuracy", "len_correct len_incorrect", "kl", "entropy", "clip_frac"]
