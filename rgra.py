@@ -1193,11 +1193,11 @@ def save_checkpoint(step, cursor, model, tokenizer, optimizer, scheduler, cfg):
 
 
 def load_trainer_state(folder, model, optimizer, scheduler):
-    """Restore optimizer, scheduler and LoRA adapters from a checkpoint folder. Returns its step
-    and its data cursor: (0, 0) without a folder, a fresh run."""
+    """Restore optimizer, scheduler and LoRA adapters from a checkpoint folder, read as data only
+    (pickled code is refused, not run). Returns its step and data cursor; (0, 0) without one."""
     if folder is None:
         return 0, 0
-    state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=True)
     model.load_state_dict(state["adapters"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -2197,7 +2197,7 @@ def test_reference_model_reaches_the_update():
         ({"kl_coef": 0.04}, "ref_model"),
         ({"group_size": 1}, "--group-size 1"),
         ({"micro_batch_size": 4}, "--micro-batch-size 4"),
-        ({"temperature": 0.0}, "--temperature 0.0"),
+        ({"temperature": 0.0}, "--temperature 0:"),
     ],
 )
 def test_rl_step_refuses_before_any_work(monkeypatch, tiny_tokenizer, changes, named):
