@@ -1399,8 +1399,7 @@ def _joins_boxes(gap):
 
 
 def _final_box(text):
-    """(start, answer) of the last box and the (up to 20) it joins, or None. answer is None if the
-    box is open, "2, 3" for \\boxed{2} and \\boxed{3}, "28_9" for \\boxed{28} or \\boxed{28_9}."""
+    """(start, answer) of the last box and those it joins ("2, 3"; 28 or 28_9: "28_9"), or None."""
     boxes = list(_boxes(text))
     if not boxes:
         return None
@@ -1419,8 +1418,7 @@ def _final_box(text):
 
 
 def _phrase_answer(rest):
-    """The answer (or None) that starts rest, the text after "answer is", up to its first words;
-    a sentence that starts with words gives its last math or number, else its first clause."""
+    """The answer (or None) at the start of rest, the text after "answer is", up to its words."""
     answer = re.split(r"\.?\s*I hope|<\||\n", rest.strip()[:MAX_ANSWER_CHARS], maxsplit=1)[0]
     answer = re.sub(r'^\s*\\?"|\\?"\s*$', "", answer.replace("**", "")).strip()
     hidden = re.sub(_MATH, lambda match: "~" * len(match[0]), answer)
@@ -1438,9 +1436,8 @@ def _phrase_answer(rest):
 
 
 def extract_answer(text):
-    """The final answer (str) of a completion, None if it gives none: <answer>..</answer> (r1), the
-    last box unless a later "The final answer is 12" restates it, `#### 72` (GSM8K), "Answer: x".
-    No last-number fallback: in a truncated completion that is often the question."""
+    """The final answer (str or None) of a completion: <answer>..</answer> (r1), the last
+    box or a later "final answer is 12", `#### 72` (GSM8K), "Answer: x"; no last-number fallback."""
     text = (text or "")[-MAX_TEXT_CHARS:]
     if "<answer>" in text:
         inner = text[text.rfind("<answer>") + len("<answer>") :].split("</answer>")[0]
@@ -1471,14 +1468,12 @@ def _matrix(match):
 
 
 def _rewrite(rules, s, rounds=1):
-    """s with each (pattern, replacement) of rules substituted in turn, `rounds` times at most."""
     for _ in range(rounds):
-        rewritten = s
+        before = s
         for pattern, replacement in rules:
-            rewritten = re.sub(pattern, replacement, rewritten, flags=re.S)
-        if rewritten == s:
+            s = re.sub(pattern, replacement, s, flags=re.S)
+        if s == before:
             break
-        s = rewritten
     return s
 
 
@@ -1523,12 +1518,10 @@ _REWRITES = [
     (r"(?<!\\)\\\\(?=[a-zA-Z])", r"\\"),
     # 10{,}000 -> 10000, \frac{12}{5,\!525} -> \frac{12}{5525}
     (r"(?<=\d)(?:\s*\{\s*,\s*\}\s*|,\s*\\!\s*)(?=\d{3})", ""),
-    # 45^{\circ} -> 45
-    (r"\^\s*\{?\s*\\circ\s*\}?|°", ""),
+    # 45^{\circ} -> 45\circ, x^{\prime} -> x\prime (neither is a power), 45° -> 45
+    (r"\^\s*\{?\s*(\\circ|\\prime)\s*\}?|°", r"\1 "),
     # 28 percent -> 28%
     (r"(\d)\s*(?:\\?%|percent(?:age)?\b|pct\b)", r"\1%"),
-    # x^{\prime} -> x'
-    (r"\^\s*\{?\s*\\prime\s*\}?", "'"),
     # $\pi~$ -> " \pi  "
     (r"\\?\$|\\[()\[\]]|\b(?:np|math)\.|~", " "),
     # {1,3} -> 1,3
@@ -1610,8 +1603,6 @@ _CLEANUP = [
     (rf"(?<=[\d)]) (?!(?:{'|'.join(_KNOWN)})\b)[A-Za-z][A-Za-z.]+(?: [A-Za-z][A-Za-z.]*)* ?$", ""),
     # x _1 + 2 -> x_1+2
     (r" ?([^\w ]) ?| (_)", r"\1\2"),
-    # 2 n -> 2n
-    (r"\b(\d+) (?=[A-Za-z])", r"\1"),
     # \{x|-1<x<1\} -> -1<x<1: a set given by a condition is the condition's solutions
     (r"^\\\{[A-Za-z]\w*(?:∈[^|:]*)?[|:](.+)\\\}$", r"\1"),
     # \{1±sqrt(5),-2\} -> \{1+sqrt(5),1-sqrt(5),-2\}: a ± b in a set or list is two answers
@@ -1718,8 +1709,7 @@ def _relation(s):
 
 
 def _leaf_equal(pred, gold):
-    """True if two single answers are equal as values (10% is 10 or 0.1), relations, or a value and
-    a chain of = that states it: x = 5, f(x) = 5 or x = 2 + 3 = 5, but not 2x = 5."""
+    """True if single answers are equal: values (10% is 0.1), relations, 5 and x = 5 (not 2x=5)."""
     pred_relation = _relation(pred)
     gold_relation = _relation(gold)
     if len(pred_relation) == 1 and len(gold_relation) == 1:
@@ -1737,8 +1727,7 @@ def _leaf_equal(pred, gold):
 
 
 def _relations_equal(pred, gold):
-    """True if two relations (a chain of = by its ends) say the same: b = a is a = b; a-b = k(c-d)
-    at 3 points, k real, > 0 for inequalities of one sense (x<1 is -x>-1, y=2x+3 is 2x-y+3=0)."""
+    """True if two relations say the same: a-b = k(c-d) at 3 points, k > 0 if < (x<1 is -x>-1)."""
     pred = [pred[0], "=", pred[-1]] if set(pred[1::2]) == {"="} else pred
     gold = [gold[0], "=", gold[-1]] if set(gold[1::2]) == {"="} else gold
     if len(pred) != 3 or len(gold) != 3 or gold[1] not in (pred[1], _FLIP[pred[1]]):
@@ -1768,8 +1757,7 @@ def _number(s):
 
 
 def _close(x, y, gold, exact):
-    """True if x == y (Fractions or complex values): exactly if exact, else within REL_TOL or
-    rounded alike to a gold decimal of two or more significant digits (0.333 = 0.33 != 0.3)."""
+    """True if x == y (Fractions, complex): exactly, within REL_TOL or rounded as gold (0.33)."""
     if exact:
         return x == y if isinstance(x, Fraction) else abs(x - y) <= 1e-9 * max(abs(x), abs(y))
     if abs(x - y) <= REL_TOL * max(abs(x), abs(y)):
@@ -1783,9 +1771,7 @@ def _close(x, y, gold, exact):
 
 
 def _parseable(s):
-    """The whitelist in front of sympy's parser (no eval anywhere): digits, + - * / ( ) , ! . and
-    spaces, names of 1-2 letters (no keyword) or in _KNOWN, _subscripts; a dot only before a digit;
-    no quotes or dunders; parentheses balanced, 40 deep at most; no 4-digit exponent (1e99999)."""
+    """True if s passes the whitelist in front of sympy's parser (no eval anywhere)."""
     if not re.fullmatch(r"[\w\s.+\-*/(),!]*", s, re.A) or "__" in s:
         return False
     if re.search(r"\.(?!\d)|[A-Za-z_)]\.|\de[-+]?\d{4}", s):
@@ -1798,8 +1784,7 @@ def _parseable(s):
 
 
 def _value_equal(pred, gold):
-    """True if two values are equal: numbers in base n by digits and base where both give one
-    (1011 = 1011_2 != 1011_3), plain numbers, text (Yes = yes), anything else in sympy."""
+    """True if two values are equal: base-n numbers (1011_2), numbers, words (Yes = yes), sympy."""
     bases = [re.fullmatch(r"(\d[0-9A-Za-z]*)_(\d{1,2})", s) for s in (pred, gold)]
     if any(bases):
         digits = [match[1] if match else s for match, s in zip(bases, (pred, gold), strict=True)]
@@ -1838,8 +1823,7 @@ def _samples(*exprs):
 
 
 def _evaluate_capped(expr, depth=0):
-    """An unevaluated parse tree evaluated bottom-up; ValueError over 60 deep, for a power of over
-    ~20,000 bits (9^9^9^9, e^e^e^e^10), or a factorial or binomial above 5,000 ((10^1000)!)."""
+    """expr evaluated bottom-up; ValueError if too deep or too large (9^9^9^9, (10^1000)!)."""
     if depth > 60:
         raise ValueError("too deep")
     args = [_evaluate_capped(arg, depth + 1) for arg in expr.args]
@@ -1890,10 +1874,8 @@ def _decide(pred, gold):
 
 
 class _SympyWorker:
-    """The worker process running _decide, forked (os.fork: it works in daemonic Pool workers and
-    under any start method) at the first call and after a timeout or death. It belongs to the pid
-    that forked it: a forked child forks its own. Without fork (Windows) _decide runs in a daemon
-    thread waited for as long (one that overruns runs on to its end, bounded by the size caps)."""
+    """The worker process running _decide, forked (os.fork works in daemonic Pool workers) at the
+    first call and after a timeout or death, by each pid; without fork (Windows) a daemon thread."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -1901,7 +1883,6 @@ class _SympyWorker:
         self.pid = None
 
     def start(self):
-        """Fork the worker; False if no process can be forked."""
         try:
             self.conn, child_end = multiprocessing.Pipe()
             # Python 3.12 warns of a fork beside threads: the worker only runs _decide.
@@ -1966,10 +1947,9 @@ def _answer_part(s):
 
 
 def answers_equal(pred, gold, timeout=1.0):
-    """(equal: bool, status: "ok" | "timeout" | "error") of an answer against the gold (LaTeX or
-    text; pred None: (False, "ok")); of a longer text its box, answer phrase or last math span.
-    Notation ($, units, `x =`) is ignored; a number with a decimal point matches within REL_TOL.
-    Decided in the worker: "timeout" after `timeout` s. Never raises: a bug is "error" (stderr)."""
+    """(equal: bool, status: "ok" | "timeout" | "error") of an answer (None: (False, "ok")) against
+    the gold, LaTeX or text (then its box, answer phrase or last math span), notation ignored,
+    decimals within REL_TOL; "timeout" after `timeout` s. Never raises: a bug is "error" (stderr)"""
     pred = "" if pred is None else str(pred).strip()
     gold = "" if gold is None else str(gold).strip()
     if pred == gold or not pred or not gold or max(len(pred), len(gold)) > MAX_ANSWER_CHARS:
@@ -1989,9 +1969,8 @@ def answers_equal(pred, gold, timeout=1.0):
 
 
 def grade(text, gold, timeout=1.0):
-    """Grade one completion: (correct, answer, status), answer = extract_answer(text) and (correct,
-    status) = answers_equal(answer, gold, timeout). Never raises; works in any process (a Pool
-    worker, a forked child, under spawn); a text that is not a str has no answer."""
+    """(correct, answer, status): answer = extract_answer(text) (None if text is no str)
+    graded by answers_equal(answer, gold, timeout); never raises, in Pool workers, forks, spawn."""
     answer = extract_answer(text if isinstance(text, str) else None)
     correct, status = answers_equal(answer, gold, timeout)
     return correct, answer, status
