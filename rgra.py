@@ -57,9 +57,11 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import random
 import re
 import resource
+import shlex
 import shutil
 import signal
 import sys
@@ -149,9 +151,7 @@ class Config:
     grader_timeout: float = option(1.0, "seconds allowed to grade one answer")
     # The objective: the preset's values (GRPO's where it is silent) unless the flag is given.
     advantage: str = objective("group", "baseline", ("group", "leave-one-out", "raw", "best"))
-    std_norm: str = objective(
-        "group", "divide advantages by the std of", ("group", "batch", "none")
-    )
+    std_norm: str = objective("group", "advantages / std of", ("group", "batch", "none"))
     positive_only: bool = objective(False, "clamp advantages at 0 (GRPO-pos)")
     surrogate: str = objective("clip", "per-token surrogate", ("pg", "clip", "cispo", "nll"))
     ratio_level: str = objective("token", "per token, or sequence (GSPO)", ("token", "sequence"))
@@ -163,9 +163,7 @@ class Config:
     drop_equal_groups: bool = objective(False, "drop groups whose rewards are all equal")
     dynamic_sampling: bool = objective(False, "refill the dropped groups with new prompts (DAPO)")
     max_refill_rounds: int = option(10, "at most this many extra rounds to refill", at_least=0)
-    mask_truncated: bool = objective(
-        False, "drop completions cut by --max-new-tokens from the loss"
-    )
+    mask_truncated: bool = objective(False, "no loss on completions cut by --max-new-tokens")
     # The update.
     steps: int = option(0, "rollout steps (0 = one pass over the problems)", at_least=0)
     ppo_epochs: int = option(1, "passes over each rollout batch", at_least=1)
@@ -178,9 +176,7 @@ class Config:
     lora_rank: int = option(0, "train LoRA adapters of this rank (0: all weights)", at_least=0)
     lora_alpha: float = option(32.0, "LoRA adapters are scaled by alpha / rank")
     share_prompt: bool = option(True, "run each prompt once per group, sampling and training")
-    gradient_checkpointing: bool = option(
-        False, "recompute activations; no shared prompt in training"
-    )
+    gradient_checkpointing: bool = option(False, "recompute activations; training unshares prompts")
     bf16: bool | None = option(None, "bf16 autocast, fp32 weights (default: on CUDA)")
     bf16_weights: bool = option(False, "bf16 weights and optimizer state (lr ~1e-6 rounds away)")
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "cuda or cpu")
@@ -209,8 +205,7 @@ class Config:
 
 
 def parse_args(argv=None):
-    """The command line as a Config. Objective flags left unset take the --algo preset's value.
-    Contradictory flags exit with status 2, naming the flag, before anything loads."""
+    """The command line as a Config; a bad flag exits with status 2, naming it, before any load."""
     parser = argparse.ArgumentParser(
         description=__doc__.strip().splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -287,7 +282,6 @@ def rl_step(model, ref_model, tokenizer, optimizer, scheduler, problems, step, c
     if cfg.mu > 1:
         rollout.old_logp = frozen_logprobs(model, rollout, my_kept, cfg)
     if cfg.kl_coef > 0:
-        # Under LoRA pi_ref is the policy without its adapters.
         with lora_adapters_off():
             rollout.ref_logp = frozen_logprobs(ref_model or model, rollout, my_kept, cfg)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -307,7 +301,6 @@ def sample_groups(model, tokenizer, batch, cfg):
     batch = rank_share(batch)
     prompts = [build_prompt(tokenizer, problem["question"], cfg.template) for problem in batch]
     prompt_ids, completion_ids, texts, truncated = sample(model, tokenizer, prompts, G, cfg)
-    # Each completion against the gold answer of its own problem.
     golds = [problem["answer"] for problem in batch for _ in range(G)]
     rewards, checks = score_completions(texts, golds, cfg)
     rollout = Rollout(
@@ -476,19 +469,17 @@ def completion_logprobs(model, prompts, completions, temperature, share_prompt, 
     entropy (m, T), no gradient. share_prompt: the same, each distinct prompt run once."""
     prompt, prompt_mask = pad(prompts, model.device, side="left")  # (m, Lp)
     completion, completion_mask = pad(completions, model.device)  # (m, T)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (m, Lp + T)
     # Logits for the completion positions only: the prompt's full-vocabulary logits would dominate
     # memory (TRL #3456). Position t - 1 predicts token t. Gradient checkpointing drops the KV
     # cache that the shared prompt forward reuses.
     if not share_prompt or model.is_activation_checkpointing:
         ids = torch.cat([prompt, completion], dim=1)  # (m, Lp + T)
-        mask = torch.cat([prompt_mask, completion_mask], dim=1)
         T = completion.shape[1]
         out = model(ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=T + 1)
         logits = out.logits[:, :-1]
     else:
-        logits = shared_prompt_logits(
-            model, prompts, prompt, prompt_mask, completion, completion_mask
-        )
+        logits = shared_prompt_logits(model, prompts, prompt, prompt_mask, completion, mask)
     logits = logits.float() / temperature  # (m, T, V) fp32
     logz = logits.logsumexp(dim=-1)  # (m, T)
     logp = logits.gather(-1, completion.unsqueeze(-1)).squeeze(-1) - logz
@@ -710,9 +701,8 @@ def load_models(cfg, resume_from):
 
 
 def refill_groups(rollout, model, tokenizer, problems, cursor, cfg):
-    """DAPO's dynamic sampling (arXiv 2503.14476, Algorithm 1): rounds of steps 1 and 2 on the next
-    P problems, added to the rollout until P of its groups have a signal or max_refill_rounds were
-    added. Returns the rollout, the cursor after it and the number of rounds."""
+    """DAPO's dynamic sampling (arXiv 2503.14476, Algorithm 1): more rounds of steps 1 and 2, at
+    most max_refill_rounds, until P groups have a signal. Returns (rollout, cursor, rounds)."""
     P = cfg.prompts_per_step
     rounds = [rollout]
     while len(rounds) <= cfg.max_refill_rounds:
@@ -740,9 +730,9 @@ def prefill_prompts(model, ids, mask, n):
     return cache
 
 
-def shared_prompt_logits(model, prompt_ids, prompt, prompt_mask, completion, completion_mask):
-    """completion_logprobs' logits (m, T, V), each distinct prompt run once and its KV cache indexed
-    out to its completions. Gradients flow through the cache: the same loss and gradients."""
+def shared_prompt_logits(model, prompt_ids, prompt, prompt_mask, completion, mask):
+    """completion_logprobs' logits (m, T, V) from its tensors, each distinct prompt run once and
+    its KV cache indexed out to its completions. Gradients flow through the cache: the same ones."""
     # Each row's prompt among the distinct ones, and the first row of each distinct prompt.
     distinct = {}
     index = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
@@ -759,9 +749,7 @@ def shared_prompt_logits(model, prompt_ids, prompt, prompt_mask, completion, com
     # (u, ...) -> (m, ...): differentiable indexing.
     index = torch.tensor(index, device=prompt.device)
     cache.batch_select_indices(index)
-    mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (m, Lp + T)
-    steps = torch.arange(completion.shape[1], device=prompt.device)
-    position_ids = prompt_mask.sum(dim=1, keepdim=True) + steps  # (m, T)
+    position_ids = positions(mask)[:, prompt.shape[1] :]  # (m, T), as in the unshared forward
     rest = model(completion, attention_mask=mask, position_ids=position_ids, past_key_values=cache)
     return torch.cat([out.logits[index], rest.logits[:, :-1]], dim=1)
 
@@ -896,19 +884,68 @@ def check_config(cfg):
 
 def check_inputs(cfg):
     """The problems and the checkpoint to resume from (or None), once every input is checked: the
-    data, the model and the output folder. Bad input exits with status 2, writing nothing."""
+    data, the model, the output folder and, on --resume, the run's flags and newest checkpoint.
+    Bad input exits with status 2, writing nothing."""
     try:
         problems = load_problems(cfg.train_data, cfg.num_problems, cfg.seed, cfg.skip_bad_rows)
         found = checkpoints(cfg.out_dir)
         if not cfg.resume and (found or os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl"))):
             raise FileExistsError(f"--out-dir {cfg.out_dir} holds a run; pass --resume or another")
         check_model(cfg.model)
-    except (DataError, FileExistsError, FileNotFoundError) as e:
+        resume_from = None
+        if cfg.resume and found:
+            check_resumed_flags(cfg)
+            resume_from = readable_checkpoint(found)
+    except (DataError, FileExistsError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if cfg.resume and not found:
         print(f"--resume: no checkpoint in {cfg.out_dir} yet, starting at step 0", file=sys.stderr)
-    return problems, found[-1] if cfg.resume and found else None
+    return problems, resume_from
+
+
+# What --resume may change: how long the run goes, how often and where it saves, and the machine
+# (device, precision, memory, speed). The rest defines what is trained and must match config.json.
+MAY_CHANGE_ON_RESUME = """steps save_every keep_last max_bad_steps out_dir resume device bf16
+gen_batch_size micro_batch_size share_prompt gradient_checkpointing grader_timeout""".split()
+
+
+def check_resumed_flags(cfg):
+    """CheckpointError listing each flag that differs from the run's config.json with both values,
+    but those in MAY_CHANGE_ON_RESUME: a run trains to the end with what it began with."""
+    path = os.path.join(cfg.out_dir, "config.json")
+    with open(path) as f:
+        began = json.load(f)
+    changed = []
+    for name, value in dataclasses.asdict(cfg).items():
+        if name not in MAY_CHANGE_ON_RESUME and began.get(name) != value:
+            changed.append(f"--{name.replace('_', '-')} {value} (the run's: {began.get(name)})")
+    if changed:
+        why = "these define what is trained; a new --out-dir starts a new run"
+        raise CheckpointError(f"--resume with {', '.join(changed)} against {path}: {why}")
+
+
+def readable_checkpoint(found):
+    """The newest of the checkpoint folders found (oldest first), once its trainer state reads as
+    data (read_trainer_state). CheckpointError if it does not, naming it and the newest readable
+    one before it, with the commands that continue from there; nothing is deleted."""
+    unreadable = {}  # folder: why, newest first
+    for folder in reversed(found):
+        try:
+            read_trainer_state(folder, mmap=True)
+        except CheckpointError as e:
+            unreadable[folder] = str(e)
+            continue
+        if not unreadable:
+            return folder
+        aside = shlex.quote(os.path.join(os.path.dirname(folder), "unreadable"))
+        moves = f"mkdir {aside} && mv {' '.join(map(shlex.quote, unreadable))} {aside}"
+        advice = f"to continue from it: {moves}, then --resume again"
+        raise CheckpointError(
+            f"{unreadable[found[-1]]}. The newest readable checkpoint is {folder}; {advice}"
+        )
+    why = "No checkpoint before it reads: start anew in another --out-dir"
+    raise CheckpointError(f"{unreadable[found[-1]]}. {why}")
 
 
 # ==== Data (not RL): problems with gold answers, from a JSONL file or a hub dataset, as prompts
@@ -1053,8 +1090,7 @@ def build_prompt(tokenizer, question, template):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # Not str.format(): \boxed{} has braces.
     text = TEMPLATE_TEXT[template].replace("{question}", question)
-    bos = tokenizer.bos_token_id
-    if bos is not None and tokenizer("").input_ids[:1] == [bos]:
+    if tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
         return tokenizer.bos_token + text
     return text
 
@@ -1193,16 +1229,37 @@ def save_checkpoint(step, cursor, model, tokenizer, optimizer, scheduler, cfg):
 
 
 def load_trainer_state(folder, model, optimizer, scheduler):
-    """Restore optimizer, scheduler and LoRA adapters from a checkpoint folder, read as data only
-    (pickled code is refused, not run). Returns its step and data cursor; (0, 0) without one."""
+    """Restore optimizer, scheduler and LoRA adapters from a checkpoint folder (read_trainer_state).
+    Returns its step and data cursor; (0, 0) without one."""
     if folder is None:
         return 0, 0
-    state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=True)
+    state = read_trainer_state(folder)
     model.load_state_dict(state["adapters"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     print(f"resumed from {folder} at step {state['step']}")
     return state["step"], state["cursor"]
+
+
+class CheckpointError(ValueError):
+    """A run folder --resume cannot continue: the message names the file and what to do."""
+
+
+def read_trainer_state(folder, mmap=False):
+    """<folder>/trainer_state.pt (step, cursor, adapters, optimizer, scheduler), read as data only:
+    a file that pickles code is refused before any of it runs. mmap: map the tensors, not read
+    them (a cheap check). CheckpointError, naming the file, if it is refused or damaged."""
+    path = os.path.join(folder, "trainer_state.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        what = re.search(r"GLOBAL \S+", str(e))
+        holds = what.group() if what else "Python objects"
+        refused = f"{path}: refused, it pickles {holds}, not data; none of it ran"
+        raise CheckpointError(refused) from None
+    except Exception as e:
+        reason = str(e).splitlines()[0]
+        raise CheckpointError(f"{path}: cannot be read, truncated or damaged ({reason})") from None
 
 
 def start_log(metrics_path, start_step, cfg):
@@ -1215,8 +1272,14 @@ def start_log(metrics_path, start_step, cfg):
         with open(metrics_path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(metrics_path + ".tmp", metrics_path)
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    # A resumed run keeps the config.json it began with, and logs the flags that may change.
+    if start_step == 0:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    else:
+        resumed = {name: getattr(cfg, name) for name in MAY_CHANGE_ON_RESUME}
+        with open(os.path.join(cfg.out_dir, "resumes.jsonl"), "a") as f:
+            f.write(json.dumps({"step": start_step, **resumed}) + "\n")
     print(json.dumps(dataclasses.asdict(cfg)))
 
 
@@ -1230,8 +1293,7 @@ def log_metrics(metrics_path, metrics):
 
 
 def rollout_metrics(rollout, cfg, model):
-    """What a step's rollout shows of learning: rewards, accuracy, answer form, grader failures,
-    lengths, truncation, the kept and the equal groups, and the peak memory so far (GiB)."""
+    """What a step's rollout shows of learning, and the peak memory so far (GiB)."""
     checks = rollout.checks
     correct = checks["correct"]
     lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
@@ -1277,8 +1339,7 @@ def clipped(ratio, advantages, cfg):
         low &= A < 0
         high &= A > 0
     if cfg.surrogate in ("pg", "nll"):
-        low = torch.zeros_like(low)
-        high = torch.zeros_like(high)
+        return torch.zeros_like(low), torch.zeros_like(high)
     return low, high
 
 

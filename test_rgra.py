@@ -3163,6 +3163,9 @@ def test_bad_steps_in_a_row_stop_run(full_run, tiny_model_dir, train_file, tmp_p
         ref.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
     ref.save_pretrained(bad_ref)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(bad_ref)
+    # As if the run had begun with it: --resume keeps a run's --model.
+    settings = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**settings, "model": str(bad_ref)}))
 
     argv = ["--steps", str(STEPS + 5), "--save-every", "1", "--max-bad-steps", "2", "--resume"]
     proc = run_rgra_cli(base_args(str(bad_ref), train_file, out) + argv)
@@ -3187,11 +3190,15 @@ def test_bad_steps_in_a_row_stop_run(full_run, tiny_model_dir, train_file, tmp_p
 
 
 def test_start_log_keeps_the_steps_up_to_the_resumed_one(tmp_path, capsys):
-    """start_log keeps the metrics of steps <= start_step (the later ones run again), writes
-    config.json (every Config field) and prints it; log_metrics appends a row and prints the
-    headline numbers it has (a step without an update has no loss)."""
+    """start_log keeps the metrics of steps <= start_step (the later ones run again); at step 0
+    it writes config.json (every Config field) and prints it, later it keeps it; log_metrics
+    appends a row and prints the headline numbers it has (a step without an update has no loss)."""
     cfg = config("grpo", out_dir=str(tmp_path / "run"))
     metrics = tmp_path / "run" / "metrics.jsonl"
+    write_jsonl(metrics, [{"step": s, "loss": 0.5} for s in (1, 2, 3)])
+    rgra.start_log(str(metrics), 0, cfg)
+    rgra.start_log(str(metrics), 2, dataclasses.replace(cfg, lr=1.0))
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == []
     write_jsonl(metrics, [{"step": s, "loss": 0.5} for s in (1, 2, 3)])
     rgra.start_log(str(metrics), 2, cfg)
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
@@ -4028,6 +4035,133 @@ def test_save_checkpoint_needs_no_metrics(tmp_path, tiny_tokenizer):
     save_checkpoint(tmp_path, 1, model, tiny_tokenizer, optimizer, scheduler)
     assert rgra.checkpoints(str(tmp_path)) == [str(tmp_path / "step_000001")]
     assert not (tmp_path / "metrics.png").exists()
+
+
+# ---- --resume: a checkpoint is read as data, the run keeps its settings, damage is named
+
+
+def resume_args(model, data, out):
+    """The full_run's command line (STEPS steps, a checkpoint each step, 2 kept), with --resume."""
+    argv = ["--steps", str(STEPS), "--save-every", "1", "--keep-last", "2", "--resume"]
+    return base_args(model, data, out) + argv
+
+
+def files_of(folder):
+    """{relative path: bytes} of every file under folder."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+class CreatesAFile:
+    """Pickles as a call of open(path, "w"): unpickling it creates the file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_refuses_a_trainer_state_that_pickles_code(
+    full_run, tiny_model_dir, train_file, tmp_path, monkeypatch, capsys
+):
+    """The newest trainer_state.pt holds, beside the step and the cursor, an object whose
+    unpickling creates a file: --resume exits 2 naming the file, before the model loads, and the
+    file is never created (load_trainer_state refuses it the same way)."""
+    out = shutil.copytree(full_run, tmp_path / "run")
+    marker = tmp_path / "created_by_the_checkpoint"
+    newest = out / f"step_{STEPS:06d}"
+    state = {"step": STEPS, "cursor": 2 * STEPS, "adapters": {}, "scheduler": {}}
+    torch.save({**state, "optimizer": CreatesAFile(marker)}, newest / "trainer_state.pt")
+    code, lines = refuse(resume_args(tiny_model_dir, train_file, out), monkeypatch, capsys)
+    assert not marker.exists(), "unpickling the checkpoint ran its code"
+    assert code == 2, lines[-3:]
+    want = f"error: {newest / 'trainer_state.pt'}: refused, it pickles GLOBAL io.open"
+    assert lines[-1].startswith(want), lines[-1]
+    model = build_tiny_model()
+    optimizer, scheduler = adamw(model, 1e-3)
+    with pytest.raises(rgra.CheckpointError, match="refused"):
+        rgra.load_trainer_state(str(newest), model, optimizer, scheduler)
+    assert not marker.exists(), "unpickling the checkpoint ran its code"
+
+
+@pytest.mark.parametrize(
+    "flag,value,named",
+    [
+        ("--algo", "rgra", "--algo rgra (the run's: grpo), --surrogate pg (the run's: clip)"),
+        ("--lr", "0.01", "--lr 0.01 (the run's: 0.001)"),
+    ],
+)
+def test_resume_with_another_objective_or_lr_is_refused(
+    flag, value, named, full_run, tiny_model_dir, train_file, tmp_path, monkeypatch, capsys
+):
+    """--resume with --algo or --lr other than the run's: exit 2 before the model loads, naming
+    each differing flag with both values; config.json, and the whole folder, are left as they
+    were, byte for byte."""
+    out = shutil.copytree(full_run, tmp_path / "run")
+    before = files_of(out)
+    argv = resume_args(tiny_model_dir, train_file, out)
+    argv[argv.index(flag) + 1] = value
+    code, lines = refuse(argv, monkeypatch, capsys)
+    assert (out / "config.json").read_bytes() == before["config.json"]
+    assert files_of(out) == before
+    assert code == 2, lines[-3:]
+    want = f"error: --resume with {named} against {out / 'config.json'}: these define what is"
+    assert lines[-1].startswith(want), lines[-1]
+
+
+def test_resume_with_more_steps_continues_exactly_and_keeps_config_json(
+    tiny_model_dir, train_file, tmp_path, pytest_signal_handlers
+):
+    """A run of 2 steps resumed with --steps 4 (and another --keep-last) ends exactly as a run of
+    4 steps; its config.json stays as the run began, byte for byte, and resumes.jsonl records the
+    step it resumed after and the flags that may change, as given then."""
+    run = tmp_path / "run"
+    full = tmp_path / "full"
+    rgra.main(base_args(tiny_model_dir, train_file, full) + ["--steps", "4", "--save-every", "2"])
+    rgra.main(base_args(tiny_model_dir, train_file, run) + ["--steps", "2", "--save-every", "2"])
+    config_json = (run / "config.json").read_bytes()
+    more = ["--steps", "4", "--save-every", "2", "--keep-last", "1", "--resume"]
+    rgra.main(base_args(tiny_model_dir, train_file, run) + more)
+    assert_resumed_run_matches(full, run, 2, 4)
+    assert (run / "config.json").read_bytes() == config_json
+    assert json.loads(config_json)["steps"] == 2
+    rows = read_jsonl(run / "resumes.jsonl")
+    assert [(r["step"], r["steps"], r["keep_last"], r["resume"]) for r in rows] == [(2, 4, 1, True)]
+    assert sorted(rows[0]) == sorted(["step", *rgra.MAY_CHANGE_ON_RESUME])
+
+
+def test_truncated_newest_checkpoint_names_it_and_the_readable_one_before(
+    full_run, tiny_model_dir, train_file, tmp_path, monkeypatch, capsys
+):
+    """The newest trainer_state.pt cut in half: --resume exits 2 before the model loads, naming
+    the file, the newest readable checkpoint before it and the commands to continue from there;
+    nothing in the folder changes. Run as told, the run continues from that checkpoint."""
+    out = shutil.copytree(full_run, tmp_path / "run")
+    newest = out / f"step_{STEPS:06d}"
+    readable = out / f"step_{STEPS - 1:06d}"
+    data = (newest / "trainer_state.pt").read_bytes()
+    (newest / "trainer_state.pt").write_bytes(data[: len(data) // 2])
+    before = files_of(out)
+    argv = resume_args(tiny_model_dir, train_file, out)
+    code, lines = refuse(argv, monkeypatch, capsys)
+    assert code == 2, lines[-3:]
+    last = lines[-1]
+    damaged = f"error: {newest / 'trainer_state.pt'}: cannot be read, truncated or damaged"
+    assert last.startswith(damaged), last
+    assert f"The newest readable checkpoint is {readable}; to continue from it: " in last, last
+    assert files_of(out) == before
+    commands = last.split("to continue from it: ")[1].removesuffix(", then --resume again")
+    assert commands == f"mkdir {out / 'unreadable'} && mv {newest} {out / 'unreadable'}"
+    subprocess.run(commands, shell=True, check=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(rgra, "install_signal_handlers", lambda: {"signal": 0})
+    capsys.readouterr()
+    rgra.main(argv)
+    assert f"resumed from {readable} at step {STEPS - 1}" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, STEPS + 1))
+    assert (out / "unreadable" / newest.name / "trainer_state.pt").read_bytes() == data[
+        : len(data) // 2
+    ]
 
 
 # ==== BEGIN answer-checking tests ====
