@@ -5511,6 +5511,77 @@ def test_gpu_check_names_the_failed_check(tmp_path):
     assert "==" not in proc.stdout
 
 
+# ==== bench/ablation.py: the report over seeds, from finished runs
+
+
+def ablation_module():
+    """bench/ablation.py, imported from its file."""
+    spec = importlib.util.spec_from_file_location("ablation", REPO / "bench" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_ablation_run(out, variant, seed, accuracy, loss=0.5, wall=600):
+    """A finished run in ablation.py's layout: 2 rollout steps' metrics, heldout.json, run.json."""
+    run = out / variant / f"seed_{seed}"
+    row = {"optimizer_steps": 2, "accuracy": 0.5, "reward_mean": 0.5, "len_mean": 30.0}
+    row.update(entropy=0.4, clip_frac=0.01, ratio_min=0.9, ratio_max=1.1, loss=loss, time_step=9.0)
+    write_jsonl(run / "metrics.jsonl", [row, {**row, "accuracy": 0.75}])
+    problems = 200
+    heldout = {"problems": problems, "correct": round(accuracy * problems), "accuracy": accuracy}
+    (run / "heldout.json").write_text(json.dumps(heldout))
+    (run / "run.json").write_text(json.dumps({"ranks": 2, "wall_seconds": wall}))
+
+
+def test_ablation_report_pairs_seeds_and_states_only_what_the_interval_supports(tmp_path):
+    """--report-only rebuilds the table and figure from finished runs alone (no model): per variant
+    the seeds' held-out values, mean and sd; RGRA minus each variant of its mu, seed by seed, with
+    the 95% t interval (t(0.975, 2) = 4.303), an ordering only where it excludes 0, and runs that
+    differ in their loss's value only reported as identical. An unfinished run is left out."""
+    ablation = ablation_module()
+    out = tmp_path / "ablation"
+    for seed, (rgra_mu2, grpo_mu2, gspo_mu2) in enumerate([(0.9, 0.8, 0.8), (0.8, 0.7, 0.8)]):
+        write_ablation_run(out, "rgra_mu2", seed, rgra_mu2)
+        write_ablation_run(out, "grpo_mu2", seed, grpo_mu2)
+        write_ablation_run(out, "gspo_mu2", seed, gspo_mu2)
+    write_ablation_run(out, "rgra_mu2", 2, 0.85)
+    write_ablation_run(out, "grpo_mu2", 2, 0.76)
+    write_ablation_run(out, "gspo_mu2", 2, 0.85)
+    write_ablation_run(out, "rgra", 0, 0.9, loss=-0.25)
+    write_ablation_run(out, "grpo", 0, 0.9, loss=1e-9)
+    # Not finished: no heldout.json.
+    (out / "cispo_mu2" / "seed_0").mkdir(parents=True)
+    (out / "base_heldout.json").write_text(json.dumps({"problems": 200, "accuracy": 0.11}))
+    ablation.main(["--report-only", "--out", str(out)])
+    table = (out / "ablation.md").read_text()
+    assert (out / "ablation.png").read_bytes()[:8] == PNG
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    assert "| 3 | 2 | 0: 90.0, 1: 80.0, 2: 85.0 | **85.0** | 5.0 |" in rows["rgra_mu2"]
+    assert "| 3 | 2 | 0: 80.0, 1: 70.0, 2: 76.0 | **75.3** | 5.0 |" in rows["grpo_mu2"]
+    assert "cispo_mu2" not in rows
+    # Differences 0.10, 0.10, 0.09: mean 0.0967, sd 0.0058, half-width 4.303 * 0.0058 / sqrt(3).
+    assert rows["rgra_mu2 - grpo_mu2"].endswith(
+        "| 0 1 2 | +10.0, +10.0, +9.0 | +9.7 | [8.2, 11.1] | rgra_mu2 higher |"
+    )
+    # Differences 0.10, 0.00, 0.00: mean 0.033, sd 0.058, half-width 0.143.
+    no_difference = "| [-11.0, 17.7] | no difference detected at this budget |"
+    assert rows["rgra_mu2 - gspo_mu2"].endswith(
+        f"| 0 1 2 | +10.0, +0.0, +0.0 | +3.3 {no_difference}"
+    )
+    assert rows["rgra - grpo"].endswith("| identical runs, metrics row by row |")
+    mean, half = ablation.interval([0.1, 0.1, 0.09])
+    assert (round(mean, 6), round(half, 6)) == (0.096667, round(4.303 * 0.005773503 / 3**0.5, 6))
+    write_ablation_run(out, "grpo", 0, 0.9, loss=1e-9, wall=1)
+    row = json.loads((out / "grpo" / "seed_0" / "metrics.jsonl").read_text().splitlines()[1])
+    write_jsonl(out / "grpo" / "seed_0" / "metrics.jsonl", [row, {**row, "entropy": 0.41}])
+    ablation.main(["--report-only", "--out", str(out)])
+    assert (
+        "| rgra - grpo | 0 | +0.0 | +0.0 | - | one seed: no interval |"
+        in (out / "ablation.md").read_text()
+    )
+
+
 # ==== README: the snippets of "Use it in your own code" run as written
 
 
