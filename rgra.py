@@ -914,8 +914,12 @@ def check_resumed_flags(cfg):
     """CheckpointError listing each flag that differs from the run's config.json with both values,
     but those in MAY_CHANGE_ON_RESUME: a run trains to the end with what it began with."""
     path = os.path.join(cfg.out_dir, "config.json")
-    with open(path) as f:
-        began = json.load(f)
+    try:
+        with open(path) as f:
+            began = json.load(f)
+    except (OSError, ValueError) as e:
+        reason = f"cannot be read ({e}); --resume checks the flags against it"
+        raise CheckpointError(f"{path}: {reason}") from None
     changed = []
     for name, value in dataclasses.asdict(cfg).items():
         if name not in MAY_CHANGE_ON_RESUME and began.get(name) != value:
@@ -939,7 +943,7 @@ def readable_checkpoint(found):
         if not unreadable:
             return folder
         aside = shlex.quote(os.path.join(os.path.dirname(folder), "unreadable"))
-        moves = f"mkdir {aside} && mv {' '.join(map(shlex.quote, unreadable))} {aside}"
+        moves = f"mkdir -p {aside} && mv {' '.join(map(shlex.quote, unreadable))} {aside}"
         advice = f"to continue from it: {moves}, then --resume again"
         raise CheckpointError(
             f"{unreadable[found[-1]]}. The newest readable checkpoint is {folder}; {advice}"

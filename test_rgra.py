@@ -4109,6 +4109,19 @@ def test_resume_with_another_objective_or_lr_is_refused(
     assert lines[-1].startswith(want), lines[-1]
 
 
+def test_resume_with_a_damaged_config_json_is_refused(
+    full_run, tiny_model_dir, train_file, tmp_path, monkeypatch, capsys
+):
+    """config.json cut short: --resume cannot check the flags against it and exits 2 naming it,
+    before the model loads, the folder left as it was."""
+    out = shutil.copytree(full_run, tmp_path / "run")
+    (out / "config.json").write_text((out / "config.json").read_text()[:40])
+    before = files_of(out)
+    code, lines = refuse(resume_args(tiny_model_dir, train_file, out), monkeypatch, capsys)
+    assert (code, files_of(out)) == (2, before), lines[-3:]
+    assert lines[-1].startswith(f"error: {out / 'config.json'}: cannot be read ("), lines[-1]
+
+
 def test_resume_with_more_steps_continues_exactly_and_keeps_config_json(
     tiny_model_dir, train_file, tmp_path, pytest_signal_handlers
 ):
@@ -4151,7 +4164,7 @@ def test_truncated_newest_checkpoint_names_it_and_the_readable_one_before(
     assert f"The newest readable checkpoint is {readable}; to continue from it: " in last, last
     assert files_of(out) == before
     commands = last.split("to continue from it: ")[1].removesuffix(", then --resume again")
-    assert commands == f"mkdir {out / 'unreadable'} && mv {newest} {out / 'unreadable'}"
+    assert commands == f"mkdir -p {out / 'unreadable'} && mv {newest} {out / 'unreadable'}"
     subprocess.run(commands, shell=True, check=True)
     monkeypatch.undo()
     monkeypatch.setattr(rgra, "install_signal_handlers", lambda: {"signal": 0})
