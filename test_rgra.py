@@ -4278,6 +4278,9 @@ CASES = [
     (r"\text{east}", r"\text{west}", False),
     (r"\text{(C)}", "C", True),
     ("(C)", r"\text{C}", True),
+    # a one-letter \text{} is that letter: a variable, a unit letter
+    (r"\text{x} = 5", "x = 5", True),
+    (r"2\text{a}", "2a", True),
     ("(B)", "C", False),
     (r"\mbox{5 units}", "5", True),
     (r"\textbf{7}", "7", True),
