@@ -55,8 +55,8 @@ VARIANTS = {
 # comparison the miniature can test, so it gets the most seeds. At mu = 1 GRPO's step is RGRA's
 # (the ratio is 1), so one seed of it shows that the runs are identical.
 RUNS = {"rgra_mu2": 5, "grpo_mu2": 5, "gspo_mu2": 3, "cispo_mu2": 3, "rgra": 3, "grpo": 1}
-# Each variant is compared with the RGRA variant of the same mu.
-BASELINE = {1: "rgra", 2: "rgra_mu2"}
+# Each variant is compared with the RGRA variant of the same mu: rgra_mu2 for the *_mu2 ones.
+BASELINES = ("rgra", "rgra_mu2")
 # The figure's training panels: a metrics.jsonl key and its title.
 PANELS = [
     ("reward_mean", "training reward (sampled, T = 0.7)"),
@@ -370,8 +370,7 @@ def report(runs, base, path):
         "|---" * 6 + "|",
     ]
     for name, seeds in runs.items():
-        mu = rgra.parse_args(VARIANTS[name]).mu
-        baseline = BASELINE.get(mu)
+        baseline = BASELINES[name.endswith("_mu2")]
         if name == baseline or baseline not in runs:
             continue
         both, diffs, mean, half = paired_difference(runs[baseline], seeds)
