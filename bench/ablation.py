@@ -296,7 +296,10 @@ def plot(runs, path):
             if all(xs == curves[0][0] for xs, _ in curves):
                 columns = zip(*(ys for _, ys in curves), strict=True)
                 means = [statistics.fmean(ys) for ys in columns]
-                ax.plot(curves[0][0], means, color=color, linewidth=2, label=name)
+                label = f"{name} ({len(curves)} seeds)"
+                if len(curves) == 1:
+                    label = f"{name} (1 seed)"
+                ax.plot(curves[0][0], means, color=color, linewidth=2, label=label)
             ax.set_title(title)
             ax.set_xlabel("optimizer steps before the rollout")
         scores = [100 * result["heldout"]["accuracy"] for result in seeds.values()]
